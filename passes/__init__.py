@@ -1,0 +1,1 @@
+"""The compiler: analysis and rewrite passes over captured FX graphs."""

@@ -1,0 +1,19 @@
+"""What runs on the devices: the ring, its per-block kernels, and the sequence layouts."""
+
+from .comm import RingInputError, RingTimeoutError, default_timeout, set_default_timeout
+from .layout import LAYOUTS, layout_positions, shard_lengths
+from .ring_attention import ring_attention
+from .sequence import gather_sequence, shard_sequence
+
+__all__ = [
+    "LAYOUTS",
+    "RingInputError",
+    "RingTimeoutError",
+    "default_timeout",
+    "gather_sequence",
+    "layout_positions",
+    "ring_attention",
+    "set_default_timeout",
+    "shard_lengths",
+    "shard_sequence",
+]

@@ -1,0 +1,126 @@
+"""Process groups, the ring communicator, and the first-call agreement check.
+
+Every byte that crosses devices goes through ``torch.distributed``. Waits are bounded: a peer that
+died or skipped a call raises :class:`RingTimeoutError` instead of hanging the job.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d
+
+DEFAULT_GROUP = ""  # group name meaning "the default process group, or a single process if none"
+
+_default_timeout_s = float(os.environ.get("RINGIFY_TIMEOUT", "300"))
+
+
+class RingTimeoutError(RuntimeError):
+    """A peer did not answer within the timeout (dead, hung, or not calling the same op)."""
+
+
+class RingInputError(ValueError):
+    """Inputs that disagree between ranks or do not fit the layout; raised on every rank."""
+
+
+def set_default_timeout(seconds: float) -> None:
+    """Seconds a rank waits for a peer before raising :class:`RingTimeoutError` (env: RINGIFY_TIMEOUT)."""
+    global _default_timeout_s
+    if seconds <= 0:
+        raise ValueError(f"timeout must be positive, got {seconds}")
+    _default_timeout_s = float(seconds)
+
+
+def default_timeout() -> float:
+    return _default_timeout_s
+
+
+def group_name(group) -> str:
+    """Name of a ProcessGroup or 1-D DeviceMesh (``None``: the default group), for custom-op arguments."""
+    if group is None:
+        return DEFAULT_GROUP
+    if hasattr(group, "get_group"):  # DeviceMesh
+        if group.ndim != 1:
+            raise ValueError(
+                f"ring attention needs a 1-D DeviceMesh, got {group.ndim}-D; pass mesh['<dim name>'] for the "
+                "sequence-parallel dimension"
+            )
+        group = group.get_group()
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a ProcessGroup, a 1-D DeviceMesh or None, got {type(group).__name__}")
+    return group.group_name
+
+
+def resolve_group(name: str):
+    """ProcessGroup for a name from :func:`group_name`; ``None`` when running as a single process."""
+    if name == DEFAULT_GROUP:
+        return distributed_c10d._get_default_group() if dist.is_initialized() else None
+    return distributed_c10d._resolve_process_group(name)
+
+
+def rank_and_size(group) -> tuple[int, int]:
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _wait(work, timeout_s: float, what: str, rank: int) -> None:
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as err:
+        raise RingTimeoutError(
+            f"rank {rank}: no answer from a peer within {timeout_s:g}s while {what}. A peer died, hangs, or "
+            "is not calling ring attention with the same arguments; the process group is no longer usable. "
+            "Raise the limit with ringify.runtime.set_default_timeout() or RINGIFY_TIMEOUT if peers are "
+            f"just slow. ({err})"
+        ) from err
+
+
+def all_gather_ints(values: list[int], group, device: torch.device, timeout_s: float, what: str) -> list[list[int]]:
+    """Every rank's list of ints (same length on all ranks), with a bounded wait."""
+    rank, world = rank_and_size(group)
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    if world == 1:
+        return [values]
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    _wait(dist.all_gather(gathered, mine, group=group, async_op=True), timeout_s, what, rank)
+    return [t.tolist() for t in gathered]
+
+
+def all_gather_strings(text: str, group) -> list[str]:
+    """Every rank's string; only used on the error path, where all ranks already know to call it."""
+    _, world = rank_and_size(group)
+    if world == 1:
+        return [text]
+    out: list = [None] * world
+    dist.all_gather_object(out, text, group=group)
+    return out
+
+
+class RingComm:
+    """Sends to the next rank and receives from the previous one, asynchronously.
+
+    ``exchange`` posts both transfers and returns at once, so the caller computes on the block it has
+    while the next one is in flight; ``wait`` then blocks (boundedly) until both are done.
+    """
+
+    def __init__(self, group, timeout_s: float):
+        self.group = group
+        self.rank, self.world = rank_and_size(group)
+        self.timeout_s = timeout_s
+        self._next = dist.get_global_rank(group, (self.rank + 1) % self.world)
+        self._prev = dist.get_global_rank(group, (self.rank - 1) % self.world)
+
+    def exchange(self, send: torch.Tensor, recv: torch.Tensor, tag: int) -> list:
+        ops = [
+            dist.P2POp(dist.isend, send, self._next, group=self.group, tag=tag),
+            dist.P2POp(dist.irecv, recv, self._prev, group=self.group, tag=tag),
+        ]
+        return dist.batch_isend_irecv(ops)
+
+    def wait(self, works: list, what: str) -> None:
+        for work in works:
+            _wait(work, self.timeout_s, what, self.rank)

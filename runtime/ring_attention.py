@@ -1,0 +1,294 @@
+"""Exact ring attention over a process group.
+
+Each rank holds a shard of the sequence (queries, keys and values laid out by a layout from
+:mod:`layout`). Key/value blocks travel around the ring; at every step a rank posts the transfer of
+the next block *before* computing on the current one, so the transfer hides behind the compute.
+Partial results merge by log-sum-exp in fp32, so the result is the attention of the whole sequence.
+
+Backward: dQ accumulates locally; the dK/dV accumulators travel the ring one step behind their
+blocks, each rank adding its share, and arrive back on the block's owner after the last step.
+
+Registered as ``torch.ops.ringify.ring_attention`` (with a fake implementation and autograd), so a
+function that calls it works under ``torch.export`` and ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import block_attention
+from .comm import RingComm, RingInputError, all_gather_ints, all_gather_strings, default_timeout, group_name
+from .comm import rank_and_size, resolve_group
+from .layout import LAYOUTS, check_layout, layout_positions, shard_lengths
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KV_TAG, _DKV_TAG = 11, 12
+
+
+# --------------------------------------------------------------------------------------------------
+# per-block kernels
+
+
+@functools.cache
+def _kernels(device_type: str):
+    """(forward, backward) block kernels: Triton on CUDA, plain torch elsewhere (RINGIFY_KERNEL overrides)."""
+    choice = os.environ.get("RINGIFY_KERNEL", "auto")
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"RINGIFY_KERNEL must be auto, torch or triton, got {choice!r}")
+    if choice == "triton" or (choice == "auto" and device_type == "cuda"):
+        try:
+            from .triton_attention import triton_block_backward, triton_block_forward
+        except ImportError:
+            if choice == "triton":
+                raise
+        else:
+            return triton_block_forward, triton_block_backward
+    return block_attention.torch_block_forward, block_attention.torch_block_backward
+
+
+@functools.lru_cache(maxsize=256)
+def _positions_on(seq_len: int, world: int, rank: int, layout: str, device: torch.device) -> torch.Tensor:
+    return layout_positions(seq_len, world, rank, layout).to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# first-call agreement: shapes, dtypes and options must match on every rank
+
+
+def _local_problem(q, k, v, grad_out) -> str:
+    """What is wrong with this rank's own inputs, or ''."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"q, k, v must be 4-D [B, H, S_local, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    if k.shape != v.shape:
+        return f"k and v must have the same shape; got k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        return (
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, local length and head dim "
+            "([B, H, S_local, D] and [B, H_kv, S_local, D])"
+        )
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        return f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"q, k, v must share one dtype of fp32, bf16, fp16; got {q.dtype}, {k.dtype}, {v.dtype}"
+    if q.device != k.device or q.device != v.device:
+        return f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}"
+    if grad_out is not None and grad_out.shape != q.shape:
+        return f"the gradient of the output has shape {tuple(grad_out.shape)}, expected {tuple(q.shape)}"
+    return ""
+
+
+def _agree(q, k, v, group, causal: bool, layout: str, timeout_s: float, grad_out=None) -> list[int]:
+    """Check that all ranks call with matching inputs; return every rank's local sequence length.
+
+    One tiny all-gather per call. Every rank sees the same gathered facts and so raises the same
+    error: a mistake on one rank never leaves the others hanging.
+    """
+    rank, world = rank_and_size(group)
+    problem = _local_problem(q, k, v, grad_out)
+    facts = [int(bool(problem)), 0, 0, 0, 0, 0, 0, int(causal), LAYOUTS.index(layout)]
+    if not problem:
+        b, h, s, d = q.shape
+        facts[1:7] = [b, h, k.shape[1], s, d, _DTYPES.index(q.dtype)]
+    gathered = all_gather_ints(facts, group, q.device, timeout_s, "checking that ranks agree on ring-attention inputs")
+    if any(f[0] for f in gathered):
+        problems = all_gather_strings(problem, group)
+        lines = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
+        raise RingInputError("ring_attention got bad input:\n  " + "\n  ".join(lines))
+    names = ("", "batch", "query heads", "kv heads", "", "head dim", "dtype", "causal", "layout")
+    for i, name in enumerate(names):
+        values = [f[i] for f in gathered]
+        if name and len(set(values)) > 1:
+            if name == "dtype":
+                values = [_DTYPES[x] for x in values]
+            elif name == "layout":
+                values = [LAYOUTS[x] for x in values]
+            raise RingInputError(
+                f"ring_attention: ranks disagree on {name}: " + ", ".join(f"rank {r}: {x}" for r, x in enumerate(values))
+                + ". Every rank must call with the same shapes (but the local length), dtype and options."
+            )
+    lengths = [f[4] for f in gathered]
+    seq_len = sum(lengths)
+    if seq_len < world or lengths != shard_lengths(seq_len, world, layout):
+        expected = shard_lengths(seq_len, world, layout) if seq_len >= world else "at least 1 token each"
+        raise RingInputError(
+            f"ring_attention: local lengths {lengths} do not match the {layout!r} layout of a sequence of "
+            f"{seq_len} tokens over {world} ranks (expected {expected}); cut inputs with "
+            f"ringify.runtime.shard_sequence(x, dim, group, layout={layout!r})"
+        )
+    return lengths
+
+
+# --------------------------------------------------------------------------------------------------
+# the ring
+
+
+class _Ring:
+    """What forward and backward share: the group, the positions of every shard, the buffers."""
+
+    def __init__(self, q, k, group, causal, layout, timeout_s, lengths):
+        self.rank, self.world = rank_and_size(group)
+        self.comm = RingComm(group, timeout_s) if self.world > 1 else None
+        self.causal = causal
+        seq_len = sum(lengths)
+        self.host_positions = [layout_positions(seq_len, self.world, r, layout) for r in range(self.world)]
+        self.positions = [_positions_on(seq_len, self.world, r, layout, q.device) for r in range(self.world)]
+        self.block_shapes = [(2, k.shape[0], k.shape[1], n, k.shape[3]) for n in lengths]
+
+    def source(self, step: int) -> int:
+        """Owner of the key/value block this rank holds at ``step``."""
+        return (self.rank - step) % self.world
+
+    def visible(self, src: int) -> bool:
+        """Whether any key of ``src``'s block is visible to any of this rank's queries."""
+        return not self.causal or int(self.host_positions[src][0]) <= int(self.host_positions[self.rank][-1])
+
+    def buffers(self, dtype, device) -> list[torch.Tensor]:
+        """Two flat buffers that fit the largest block: one being computed on, one being received."""
+        most = max(torch.Size(shape).numel() for shape in self.block_shapes)
+        return [torch.empty(most, dtype=dtype, device=device) for _ in range(2)]
+
+    def view(self, flat: torch.Tensor, src: int) -> torch.Tensor:
+        """``flat`` seen as the [2, B, H_kv, S_src, D] block of rank ``src``."""
+        shape = self.block_shapes[src]
+        return flat[: torch.Size(shape).numel()].view(shape)
+
+    def first_block(self, k, v, buffer):
+        """This rank's own k/v, packed into ``buffer`` as one message when there is a ring to send it on."""
+        if self.world == 1:
+            return k, v
+        kv = self.view(buffer, self.rank)
+        kv[0].copy_(k)
+        kv[1].copy_(v)
+        return kv
+
+
+def ring_forward(q, k, v, group, causal: bool, scale: float, layout: str, timeout_s: float):
+    """(out in q's dtype, lse fp32 [B, H, S_local]) of this rank's queries against the whole sequence."""
+    lengths = _agree(q, k, v, group, causal, layout, timeout_s)
+    ring = _Ring(q, k, group, causal, layout, timeout_s, lengths)
+    forward_block, _ = _kernels(q.device.type)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    q_pos = ring.positions[ring.rank]
+
+    buffers = ring.buffers(q.dtype, q.device) if ring.world > 1 else [None]
+    kv = ring.first_block(k, v, buffers[0])
+    for step in range(ring.world):
+        src = ring.source(step)
+        if step + 1 < ring.world:
+            incoming = ring.view(buffers[(step + 1) % 2], ring.source(step + 1))
+            in_flight = ring.comm.exchange(kv, incoming, _KV_TAG)
+        if ring.visible(src):
+            forward_block(q, kv[0], kv[1], out, lse, q_pos, ring.positions[src], scale=scale, causal=causal)
+        if step + 1 < ring.world:
+            ring.comm.wait(in_flight, f"receiving key/value block {step + 1} of {ring.world}")
+            kv = incoming
+    return out.to(q.dtype), lse
+
+
+def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float, layout: str, timeout_s: float):
+    """(dq, dk, dv) for this rank's shards; dK/dV travel the ring one step behind their blocks."""
+    lengths = _agree(q, k, v, group, causal, layout, timeout_s, grad_out=grad_out)
+    ring = _Ring(q, k, group, causal, layout, timeout_s, lengths)
+    _, backward_block = _kernels(q.device.type)
+    delta = (grad_out.float() * out.float()).sum(-1)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    q_pos = ring.positions[ring.rank]
+
+    kv_buffers = ring.buffers(q.dtype, q.device) if ring.world > 1 else [None]
+    grad_buffers = ring.buffers(torch.float32, q.device) if ring.world > 1 else [None]
+    kv = ring.first_block(k, v, kv_buffers[0])
+    grads_in_flight = None
+    for step in range(ring.world):
+        src = ring.source(step)
+        if step + 1 < ring.world:
+            incoming = ring.view(kv_buffers[(step + 1) % 2], ring.source(step + 1))
+            kv_in_flight = ring.comm.exchange(kv, incoming, _KV_TAG)
+        block_grads = torch.zeros(ring.block_shapes[src], dtype=torch.float32, device=q.device)
+        if ring.visible(src):
+            backward_block(q, kv[0], kv[1], grad_out, lse, delta, dq, block_grads[0], block_grads[1],
+                           q_pos, ring.positions[src], scale=scale, causal=causal)
+        if ring.world > 1:
+            # add the shares of the ranks before us, then pass the accumulator on
+            if grads_in_flight is not None:
+                ring.comm.wait(grads_in_flight, f"receiving dK/dV accumulator at step {step} of {ring.world}")
+                block_grads = accumulated.add_(block_grads)
+            outgoing = block_grads
+            accumulated = ring.view(grad_buffers[step % 2], ring.source(step + 1))
+            grads_in_flight = ring.comm.exchange(outgoing, accumulated, _DKV_TAG)
+        if step + 1 < ring.world:
+            ring.comm.wait(kv_in_flight, f"receiving key/value block {step + 1} of {ring.world}")
+            kv = incoming
+    if ring.world > 1:
+        ring.comm.wait(grads_in_flight, "receiving the final dK/dV of this rank's block")
+        block_grads = accumulated
+    return dq.to(q.dtype), block_grads[0].to(k.dtype, copy=True), block_grads[1].to(v.dtype, copy=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# custom op: exportable, compilable, differentiable
+
+
+@torch.library.custom_op("ringify::ring_attention", mutates_args=())
+def ring_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: str, causal: bool, scale: float, layout: str,
+    timeout: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return ring_forward(q, k, v, resolve_group(group), causal, scale, layout, timeout)
+
+
+@ring_attention_op.register_fake
+def _(q, k, v, group, causal, scale, layout, timeout):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("ringify::ring_attention_backward", mutates_args=())
+def ring_attention_backward_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, group: str, causal: bool, scale: float, layout: str, timeout: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return ring_backward(grad_out, q, k, v, out, lse, resolve_group(group), causal, scale, layout, timeout)
+
+
+@ring_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, group, causal, scale, layout, timeout):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, group, causal, scale, layout, timeout = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.mark_non_differentiable(lse)
+    ctx.options = (group, causal, scale, layout, timeout)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = ring_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None
+
+
+ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ring_attention(q, k, v, group=None, *, causal: bool = False, scale: float | None = None,
+                   layout: str = "zigzag", timeout: float | None = None) -> torch.Tensor:
+    """Exact attention of the global sequence for this rank's queries.
+
+    q: ``[B, H, S_local, D]``; k, v: ``[B, H_kv, S_local, D]`` with ``H % H_kv == 0`` (GQA/MQA without
+    repeating k/v). Shards are laid out by ``layout`` (see :func:`shard_sequence`); local lengths may
+    differ by rank. ``group``: ProcessGroup, 1-D DeviceMesh, or None for the default group (or a single
+    process when torch.distributed is not initialised). ``causal`` masks by global position.
+    ``timeout``: seconds to wait for a peer before raising ``RingTimeoutError``.
+    """
+    check_layout(layout)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if timeout is None:
+        timeout = default_timeout()
+    out, _ = ring_attention_op(q, k, v, group_name(group), bool(causal), float(scale), layout, float(timeout))
+    return out

@@ -1,0 +1,26 @@
+import random
+
+import pytest
+
+from ranks import RankPool
+
+
+@pytest.fixture(scope="session")
+def ranks():
+    """ranks(world_size) -> a live RankPool, shared across the session."""
+    pools: dict[int, RankPool] = {}
+
+    def get(world_size: int) -> RankPool:
+        if world_size not in pools:
+            pools[world_size] = RankPool(world_size)
+        return pools[world_size]
+
+    yield get
+    for pool in pools.values():
+        pool.close()
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test (printed on failure through the test id's locals)."""
+    return random.randrange(2**31)
