@@ -2,17 +2,17 @@ import random
 
 import pytest
 
-from ranks import RankPool
+from ringify.launch import LocalRanks
 
 
 @pytest.fixture(scope="session")
 def ranks():
-    """ranks(world_size) -> a live RankPool, shared across the session."""
-    pools: dict[int, RankPool] = {}
+    """ranks(world_size) -> a live LocalRanks, shared across the session."""
+    pools: dict[int, LocalRanks] = {}
 
-    def get(world_size: int) -> RankPool:
+    def get(world_size: int) -> LocalRanks:
         if world_size not in pools:
-            pools[world_size] = RankPool(world_size)
+            pools[world_size] = LocalRanks(world_size)
         return pools[world_size]
 
     yield get

@@ -8,13 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ringify.verify import relative_error as rel_err
 from ringify.runtime import (
     LAYOUTS, RingInputError, RingTimeoutError, gather_sequence, ring_attention, shard_sequence,
 )
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def make_qkv(seed, seq_len, heads, kv_heads, dtype=torch.float32, batch=2, head_dim=16):
@@ -154,9 +151,9 @@ def skip_the_call(seed):
 
 
 def test_missing_peer_times_out(seed):
-    from ranks import RankPool
+    from ringify.launch import LocalRanks
 
-    pool = RankPool(2)  # its group is broken afterwards: not the shared one
+    pool = LocalRanks(2)  # its group is broken afterwards: not the shared one
     try:
         waited, _ = pool.run(skip_the_call, seed, timeout=60)
     finally:

@@ -1,7 +1,7 @@
-"""Real multi-process gloo groups for tests.
+"""A real process group on this machine's CPUs, for the demo, the tests and the benchmarks.
 
-Spawning processes and importing torch costs seconds, so a :class:`RankPool` keeps ``world_size``
-processes alive with an initialised gloo group and runs test functions on all of them at once.
+Spawning processes and importing torch costs seconds, so :class:`LocalRanks` keeps ``world_size``
+processes alive with an initialised gloo group and runs functions on all of them at once.
 Communication is real: every byte goes through torch.distributed over loopback TCP.
 Functions must be importable (module level), as with ``torch.multiprocessing.spawn``.
 """
@@ -38,7 +38,9 @@ def _serve(rank: int, world_size: int, port: int, tasks, results) -> None:
             results.put((rank, True, fn(*args)))
         except BaseException as err:  # report everything, including assertion failures
             results.put((rank, False, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
-    dist.destroy_process_group()
+    results.close()
+    results.join_thread()
+    os._exit(0)  # skip gloo's teardown, which waits on peers that may already be gone
 
 
 class RankFailure(AssertionError):
@@ -47,8 +49,11 @@ class RankFailure(AssertionError):
         super().__init__("\n".join(f"--- rank {r} ---\n{text}" for r, text in sorted(failures.items())))
 
 
-class RankPool:
-    """``world_size`` live processes in one gloo group; ``run(fn, *args)`` calls fn on every rank."""
+class LocalRanks:
+    """``world_size`` live processes in one gloo group; ``run(fn, *args)`` calls fn on every rank.
+
+    Each process uses one torch thread, so ranks do not fight over cores.
+    """
 
     def __init__(self, world_size: int):
         ctx = mp.get_context("spawn")
@@ -78,6 +83,12 @@ class RankPool:
         if failures:
             raise RankFailure(failures)
         return [values[r] for r in range(self.world_size)]
+
+    def __enter__(self) -> "LocalRanks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         for q in self._tasks:
