@@ -1,4 +1,4 @@
-"""Process groups, the ring communicator, and the first-call agreement check.
+"""Process groups, the ring communicator, and the agreement check (every call).
 
 Every byte that crosses devices goes through ``torch.distributed``. Waits are bounded: a peer that
 died or skipped a call raises :class:`RingTimeoutError` instead of hanging the job.

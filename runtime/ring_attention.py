@@ -39,13 +39,12 @@ def _kernels(device_type: str):
     if choice not in ("auto", "torch", "triton"):
         raise ValueError(f"RINGIFY_KERNEL must be auto, torch or triton, got {choice!r}")
     if choice == "triton" or (choice == "auto" and device_type == "cuda"):
-        try:
-            from .triton_attention import triton_block_backward, triton_block_forward
-        except ImportError:
-            if choice == "triton":
-                raise
-        else:
+        from .triton_attention import triton_available, triton_block_backward, triton_block_forward
+
+        if triton_available():
             return triton_block_forward, triton_block_backward
+        if choice == "triton":
+            raise RuntimeError("RINGIFY_KERNEL=triton needs triton and a CUDA device (or TRITON_INTERPRET=1)")
     return block_attention.torch_block_forward, block_attention.torch_block_backward
 
 
@@ -55,7 +54,7 @@ def _positions_on(seq_len: int, world: int, rank: int, layout: str, device: torc
 
 
 # --------------------------------------------------------------------------------------------------
-# first-call agreement: shapes, dtypes and options must match on every rank
+# agreement: shapes, dtypes and options must match on every rank (checked on every call, one tiny all-gather)
 
 
 def _local_problem(q, k, v, grad_out) -> str:

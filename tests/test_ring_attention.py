@@ -159,3 +159,16 @@ def test_missing_peer_times_out(seed):
     finally:
         pool.close()
     assert 1.5 < waited < 10
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+def test_ring_through_triton_kernels(seed, monkeypatch, layout):
+    """The whole ring with the Triton block kernels (interpreted on CPU): what CUDA runs by default."""
+    pytest.importorskip("triton")
+    from ringify.launch import LocalRanks
+
+    monkeypatch.setenv("RINGIFY_KERNEL", "triton")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned ranks when they import triton
+    with LocalRanks(2) as pool:
+        pool.run(check_fp32_equivalence, seed, 21, 4, 2, True, layout)
