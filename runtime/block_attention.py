@@ -11,9 +11,18 @@ kernels share one contract:
 
 Work is split along contiguous runs of positions (one run for ``contiguous``, two for ``zigzag``), so
 causal pairs of runs that are fully masked are skipped and fully visible ones need no mask.
+
+Block masks (``mask_fn``, see :mod:`.block_mask`) and a finite ``fill`` use the *extended* state: the
+running ``lse`` is then a two-part fp32 tensor ``[2, B, H, Lq]`` holding the row maximum of the scores
+seen so far and the log of the sum of ``exp(score - maximum)``. One fp32 log-sum-exp cannot hold
+``fill + log(n)`` when ``fill`` is huge (``torch.finfo(dtype).min``, as HuggingFace models use): the
+``log(n)`` rounds away and a row whose keys are all filled would no longer get the uniform softmax the
+unsharded model gives it. The two parts keep it exact: the merge compares maxima and adds sums.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -22,8 +31,13 @@ from .layout import contiguous_runs
 _MAX_RUN_PAIRS = 16  # beyond this (striped layouts), one masked matmul beats many tiny ones
 
 
-def _plan(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool):
-    """Yield (q_start, q_len, k_start, k_len, mask or None) for the pieces that have visible keys."""
+def _plan(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, skip_hidden: bool = True):
+    """Yield (q_start, q_len, k_start, k_len, mask) for the pieces that have visible keys.
+
+    ``mask`` is None (every key visible) or a bool ``[q_len, k_len]`` causal keep-mask. With
+    ``skip_hidden=False`` (finite fill: hidden keys still count) pieces with no visible key are yielded
+    too, with ``mask=False``.
+    """
     q_cpu, k_cpu = q_pos.cpu(), k_pos.cpu()
     q_runs, k_runs = contiguous_runs(q_cpu), contiguous_runs(k_cpu)
     if not causal:
@@ -36,6 +50,8 @@ def _plan(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool):
         for ks, kl in k_runs:
             k_first, k_last = int(k_cpu[ks]), int(k_cpu[ks + kl - 1])
             if k_first > q_last:
+                if not skip_hidden:
+                    yield qs, ql, ks, kl, False
                 continue  # every key comes after every query: nothing to compute
             if k_last <= q_first:
                 yield qs, ql, ks, kl, None  # every key visible
@@ -64,8 +80,17 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isneginf(x), torch.zeros_like(x), x)
 
 
-def torch_block_forward(q, k, v, out, lse, q_pos, k_pos, *, scale: float, causal: bool) -> None:
-    """Attend ``q`` to the block (``k``, ``v``) and merge into (``out``, ``lse``) in place."""
+def torch_block_forward(q, k, v, out, lse, q_pos, k_pos, *, scale: float, causal: bool,
+                        mask_fn=None, fill: float = float("-inf")) -> None:
+    """Attend ``q`` to the block (``k``, ``v``) and merge into (``out``, ``lse``) in place.
+
+    ``mask_fn(q_pos_piece, k_pos_piece) -> Tensor``: a block mask already bound to its arguments
+    (bool keep-mask or float additive bias, broadcastable to ``[B, H, Lq, Lk]``); ``fill``: the score
+    of every hidden key (causal or bool mask). With either, ``lse`` is the two-part extended state
+    ``[2, B, H, Lq]`` (see the module docstring; start it at ``(-inf, 0)``).
+    """
+    if _extended(mask_fn, fill):
+        return _masked_forward(q, k, v, out, lse, q_pos, k_pos, scale, causal, mask_fn, fill)
     b, h, lq, d = q.shape
     hkv = k.shape[1]
     group = h // hkv
@@ -89,12 +114,16 @@ def torch_block_forward(q, k, v, out, lse, q_pos, k_pos, *, scale: float, causal
         old_lse.copy_(new_lse)
 
 
-def torch_block_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, *, scale: float, causal: bool) -> None:
+def torch_block_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, *, scale: float, causal: bool,
+                         mask_fn=None, fill: float = float("-inf")) -> None:
     """Accumulate this block's share of dq (into ``dq``) and of dk, dv (into ``dk``, ``dv``), in place.
 
     ``lse`` is the final log-sum-exp over all blocks and ``delta = rowsum(dO * O)``: with them each
-    block's softmax probabilities are recomputed exactly, without the other blocks.
+    block's softmax probabilities are recomputed exactly, without the other blocks. ``mask_fn`` and
+    ``fill`` as in :func:`torch_block_forward` (then ``lse`` is the two-part extended state).
     """
+    if _extended(mask_fn, fill):
+        return _masked_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, scale, causal, mask_fn, fill)
     b, h, lq, d = q.shape
     hkv = k.shape[1]
     group = h // hkv
@@ -112,3 +141,139 @@ def torch_block_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, *, s
         dq5[:, :, :, qs : qs + ql] += torch.matmul(ds, k_blk).mul_(scale).view(b, hkv, group, ql, -1)
         dk[:, :, ks : ks + kl] += torch.matmul(ds.transpose(-1, -2), q_f).mul_(scale)
         dv[:, :, ks : ks + kl] += torch.matmul(p.transpose(-1, -2), do_f)
+
+
+# --------------------------------------------------------------------------------------------------
+# block masks and finite fills: the extended (row maximum, log-sum) state
+
+
+def _extended(mask_fn, fill: float) -> bool:
+    """Whether a call needs the masked kernels and the two-part ``lse`` state."""
+    return mask_fn is not None or fill != float("-inf")
+
+
+def _mask_5d(m, b: int, hkv: int, group: int, ql: int, kl: int) -> torch.Tensor:
+    """A block mask's result, viewed to broadcast against the folded scores ``[B, H_kv, G, Lq, Lk]``.
+
+    Query head h is (kv head h // G, member h % G), so a mask with H heads reshapes to [H_kv, G]; a
+    mask with one head stays one head (never repeated).
+    """
+    if not isinstance(m, torch.Tensor) or not (m.dtype == torch.bool or m.is_floating_point()):
+        what = f"a {m.dtype} tensor" if isinstance(m, torch.Tensor) else type(m).__name__
+        raise TypeError(f"a block mask must return a bool keep-mask or a floating additive bias, got {what}")
+    h = hkv * group
+    shape = (1,) * (4 - m.dim()) + tuple(m.shape)
+    mb, mh, mq, mk = shape if len(shape) == 4 else (0, 0, 0, 0)
+    if mb not in (1, b) or mh not in (1, h) or mq not in (1, ql) or mk not in (1, kl):
+        raise ValueError(
+            f"a block mask returned shape {tuple(m.shape)} for a piece of {ql} queries and {kl} keys; it must "
+            f"broadcast to [B, H, Lq, Lk] = [{b}, {h}, {ql}, {kl}] (leading dims may be 1 or absent)"
+        )
+    m = m.reshape(shape)
+    if mh == 1:
+        return m.unsqueeze(1)
+    return m.reshape(mb, hkv, group, mq, mk)
+
+
+def _piece(mask_fn, q_pos, k_pos, qs, ql, ks, kl, visible, dims, fill):
+    """(keep, bias) of one piece of the plan, or None when the piece cannot change the result.
+
+    keep: None (no key hidden), False (every key hidden) or a bool tensor broadcastable to the
+    folded scores; bias: None or a float tensor likewise. Hidden keys score ``fill``; with
+    ``fill = -inf`` they weigh nothing, so pieces where every key is hidden are skipped.
+    """
+    if visible is False or mask_fn is None:
+        return visible, None
+    m = _mask_5d(mask_fn(q_pos[qs : qs + ql], k_pos[ks : ks + kl]), *dims, ql, kl)
+    if m.dtype == torch.bool:
+        if not bool(m.any()):
+            return None if fill == float("-inf") else (False, None)
+        if bool(m.all()):
+            return visible, None
+        return (m if visible is None else m & visible), None
+    if fill == float("-inf") and bool(torch.isneginf(m).all()):
+        return None
+    return visible, m
+
+
+def _masked_scores(q_f, k_blk, scale, keep, bias, fill, group):
+    """fp32 scaled scores ``[B, H_kv, G*L, Lk]`` with the bias added and hidden keys set to ``fill``."""
+    b, hkv, rows, _ = q_f.shape
+    kl = k_blk.shape[2]
+    if keep is False:
+        return q_f.new_full((b, hkv, rows, kl), fill)
+    s = torch.matmul(q_f, k_blk.transpose(-1, -2)).mul_(scale)
+    s5 = s.view(b, hkv, group, rows // group, kl)
+    if bias is not None:
+        s5.add_(bias.to(torch.float32))
+    if keep is not None:
+        s5.masked_fill_(~keep, fill)
+    return s
+
+
+def _masked_forward(q, k, v, out, lse, q_pos, k_pos, scale, causal, mask_fn, fill) -> None:
+    b, h, lq, _ = q.shape
+    hkv = k.shape[1]
+    group = h // hkv
+    if fill != float("-inf") and not math.isfinite(fill):
+        raise ValueError(f"fill must be -inf or finite, got {fill}")
+    if lse.shape != (2, b, h, lq):
+        raise ValueError(f"with a block mask or a finite fill, lse is the two-part state [2, B, H, Lq]; got {tuple(lse.shape)}")
+    out5 = out.view(b, hkv, group, lq, -1)
+    hi5, lo5 = lse[0].view(b, hkv, group, lq), lse[1].view(b, hkv, group, lq)
+    dims = (b, hkv, group)
+    for qs, ql, ks, kl, visible in _plan(q_pos, k_pos, causal, skip_hidden=fill == float("-inf")):
+        piece = _piece(mask_fn, q_pos, k_pos, qs, ql, ks, kl, visible, dims, fill)
+        if piece is None:
+            continue
+        keep, bias = piece
+        s = _masked_scores(_fold(q, hkv, qs, ql), k[:, :, ks : ks + kl].float(), scale, keep, bias, fill, group)
+        blk_max = s.amax(-1, keepdim=True)
+        e = torch.exp(s - _finite(blk_max))
+        blk_sum = e.sum(-1, keepdim=True)
+        blk_out = torch.matmul(e, v[:, :, ks : ks + kl].float()).div_(torch.where(blk_sum > 0, blk_sum, 1.0))
+        blk_out = blk_out.view(b, hkv, group, ql, -1)
+        blk_max, blk_sum = blk_max.view(b, hkv, group, ql), blk_sum.view(b, hkv, group, ql)
+
+        old_out, hi, lo = out5[:, :, :, qs : qs + ql], hi5[:, :, :, qs : qs + ql], lo5[:, :, :, qs : qs + ql]
+        new_hi = torch.maximum(hi, blk_max)
+        safe = _finite(new_hi)
+        w_old = torch.exp(hi - safe + lo)  # the running sum and the block's, both relative to new_hi
+        w_blk = torch.exp(blk_max - safe) * blk_sum
+        total = w_old + w_blk
+        norm = torch.where(total > 0, total, 1.0)
+        merged = (old_out * w_old.unsqueeze(-1) + blk_out * w_blk.unsqueeze(-1)) / norm.unsqueeze(-1)
+        old_out.copy_(merged)
+        hi.copy_(new_hi)
+        lo.copy_(torch.log(norm))  # 0 while no key is seen: the state is then (-inf, 0)
+
+
+def _masked_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, scale, causal, mask_fn, fill) -> None:
+    b, h, lq, _ = q.shape
+    hkv = k.shape[1]
+    group = h // hkv
+    finite_fill = fill != float("-inf")
+    dq5 = dq.view(b, hkv, group, lq, -1)
+    dims = (b, hkv, group)
+    for qs, ql, ks, kl, visible in _plan(q_pos, k_pos, causal, skip_hidden=not finite_fill):
+        piece = _piece(mask_fn, q_pos, k_pos, qs, ql, ks, kl, visible, dims, fill)
+        if piece is None:
+            continue
+        keep, bias = piece
+        q_f = _fold(q, hkv, qs, ql)
+        do_f = _fold(do, hkv, qs, ql)
+        hi_f = _fold(lse[0].unsqueeze(-1), hkv, qs, ql)
+        lo_f = _fold(lse[1].unsqueeze(-1), hkv, qs, ql)
+        k_blk = k[:, :, ks : ks + kl].float()
+        v_blk = v[:, :, ks : ks + kl].float()
+        s = _masked_scores(q_f, k_blk, scale, keep, bias, fill, group)
+        p = torch.exp(s.sub_(_finite(hi_f)).sub_(lo_f))
+        dv[:, :, ks : ks + kl] += torch.matmul(p.transpose(-1, -2), do_f)
+        if keep is False:
+            continue  # every score is the constant fill: nothing flows to q or k
+        delta_f = _fold(delta.unsqueeze(-1), hkv, qs, ql)
+        ds = p.mul_(torch.matmul(do_f, v_blk.transpose(-1, -2)).sub_(delta_f))
+        if finite_fill and keep is not None:
+            ds.view(b, hkv, group, ql, kl).masked_fill_(~keep, 0.0)  # a filled score is a constant
+        dq5[:, :, :, qs : qs + ql] += torch.matmul(ds, k_blk).mul_(scale).view(b, hkv, group, ql, -1)
+        dk[:, :, ks : ks + kl] += torch.matmul(ds.transpose(-1, -2), q_f).mul_(scale)

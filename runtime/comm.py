@@ -42,6 +42,8 @@ def group_name(group) -> str:
     """Name of a ProcessGroup or 1-D DeviceMesh (``None``: the default group), for custom-op arguments."""
     if group is None:
         return DEFAULT_GROUP
+    if isinstance(group, str):  # already a name
+        return group
     if hasattr(group, "get_group"):  # DeviceMesh
         if group.ndim != 1:
             raise ValueError(

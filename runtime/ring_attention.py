@@ -8,6 +8,10 @@ Partial results merge by log-sum-exp in fp32, so the result is the attention of 
 Backward: dQ accumulates locally; the dK/dV accumulators travel the ring one step behind their
 blocks, each rank adding its share, and arrive back on the block's owner after the last step.
 
+Masks: any block mask (see :mod:`.block_mask`) is evaluated per piece of (query shard, key block),
+on global positions, so no rank ever builds an [S, S] mask; pieces whose keys are all hidden are
+skipped (with ``fill = -inf``). Masked calls use the plain-torch block kernels on every device.
+
 Registered as ``torch.ops.ringify.ring_attention`` (with a fake implementation and autograd), so a
 function that calls it works under ``torch.export`` and ``torch.compile(fullgraph=True)``.
 """
@@ -15,11 +19,14 @@ function that calls it works under ``torch.export`` and ``torch.compile(fullgrap
 from __future__ import annotations
 
 import functools
+import math
 import os
+import struct
 
 import torch
 
 from . import block_attention
+from .block_mask import block_mask_fn, register_block_mask
 from .comm import RingComm, RingInputError, all_gather_ints, all_gather_strings, default_timeout, group_name
 from .comm import rank_and_size, resolve_group
 from .layout import LAYOUTS, check_layout, layout_positions, shard_lengths
@@ -30,6 +37,35 @@ _KV_TAG, _DKV_TAG = 11, 12
 
 # --------------------------------------------------------------------------------------------------
 # per-block kernels
+
+
+def _extended(mask: str, fill: float) -> bool:
+    """Block mask or finite fill: torch kernels and the two-part lse state [2, B, H, S_local]."""
+    return bool(mask) or fill != float("-inf")
+
+
+def _block_kernels(device_type: str, mask: str, fill: float):
+    """The block kernels for a call: masks and finite fills only exist in the plain-torch kernels."""
+    if _extended(mask, fill):
+        return block_attention.torch_block_forward, block_attention.torch_block_backward
+    return _kernels(device_type)
+
+
+def _bound_mask(mask: str, mask_args):
+    """``(q_pos, k_pos) -> mask`` for the kernels, or None."""
+    if not mask:
+        return None
+    fn = block_mask_fn(mask)
+    args = tuple(mask_args)
+    return lambda q_pos, k_pos: fn(q_pos, k_pos, *args)
+
+
+def _fill_bits(fill: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", fill))[0]
+
+
+def _bits_fill(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
 
 
 @functools.cache
@@ -79,7 +115,8 @@ def _local_problem(q, k, v, grad_out) -> str:
     return ""
 
 
-def _agree(q, k, v, group, causal: bool, layout: str, timeout_s: float, grad_out=None) -> list[int]:
+def _agree(q, k, v, group, causal: bool, layout: str, timeout_s: float, grad_out=None, mask: str = "",
+           fill: float = float("-inf")) -> list[int]:
     """Check that all ranks call with matching inputs; return every rank's local sequence length.
 
     One tiny all-gather per call. Every rank sees the same gathered facts and so raises the same
@@ -87,7 +124,8 @@ def _agree(q, k, v, group, causal: bool, layout: str, timeout_s: float, grad_out
     """
     rank, world = rank_and_size(group)
     problem = _local_problem(q, k, v, grad_out)
-    facts = [int(bool(problem)), 0, 0, 0, 0, 0, 0, int(causal), LAYOUTS.index(layout)]
+    facts = [int(bool(problem)), 0, 0, 0, 0, 0, 0, int(causal), LAYOUTS.index(layout), int(bool(mask)),
+             _fill_bits(fill)]
     if not problem:
         b, h, s, d = q.shape
         facts[1:7] = [b, h, k.shape[1], s, d, _DTYPES.index(q.dtype)]
@@ -96,7 +134,7 @@ def _agree(q, k, v, group, causal: bool, layout: str, timeout_s: float, grad_out
         problems = all_gather_strings(problem, group)
         lines = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
         raise RingInputError("ring_attention got bad input:\n  " + "\n  ".join(lines))
-    names = ("", "batch", "query heads", "kv heads", "", "head dim", "dtype", "causal", "layout")
+    names = ("", "batch", "query heads", "kv heads", "", "head dim", "dtype", "causal", "layout", "mask", "fill")
     for i, name in enumerate(names):
         values = [f[i] for f in gathered]
         if name and len(set(values)) > 1:
@@ -104,6 +142,10 @@ def _agree(q, k, v, group, causal: bool, layout: str, timeout_s: float, grad_out
                 values = [_DTYPES[x] for x in values]
             elif name == "layout":
                 values = [LAYOUTS[x] for x in values]
+            elif name == "mask":
+                values = ["a block mask" if x else "none" for x in values]
+            elif name == "fill":
+                values = [_bits_fill(x) for x in values]
             raise RingInputError(
                 f"ring_attention: ranks disagree on {name}: " + ", ".join(f"rank {r}: {x}" for r, x in enumerate(values))
                 + ". Every rank must call with the same shapes (but the local length), dtype and options."
@@ -127,10 +169,10 @@ def _agree(q, k, v, group, causal: bool, layout: str, timeout_s: float, grad_out
 class _Ring:
     """What forward and backward share: the group, the positions of every shard, the buffers."""
 
-    def __init__(self, q, k, group, causal, layout, timeout_s, lengths):
+    def __init__(self, q, k, group, causal, layout, timeout_s, lengths, fill=float("-inf")):
         self.rank, self.world = rank_and_size(group)
         self.comm = RingComm(group, timeout_s) if self.world > 1 else None
-        self.causal = causal
+        self.skip_hidden = causal and fill == float("-inf")  # a finite fill: hidden keys still count
         seq_len = sum(lengths)
         self.host_positions = [layout_positions(seq_len, self.world, r, layout) for r in range(self.world)]
         self.positions = [_positions_on(seq_len, self.world, r, layout, q.device) for r in range(self.world)]
@@ -142,7 +184,7 @@ class _Ring:
 
     def visible(self, src: int) -> bool:
         """Whether any key of ``src``'s block is visible to any of this rank's queries."""
-        return not self.causal or int(self.host_positions[src][0]) <= int(self.host_positions[self.rank][-1])
+        return not self.skip_hidden or int(self.host_positions[src][0]) <= int(self.host_positions[self.rank][-1])
 
     def buffers(self, dtype, device) -> list[torch.Tensor]:
         """Two flat buffers that fit the largest block: one being computed on, one being received."""
@@ -164,13 +206,23 @@ class _Ring:
         return kv
 
 
-def ring_forward(q, k, v, group, causal: bool, scale: float, layout: str, timeout_s: float):
-    """(out in q's dtype, lse fp32 [B, H, S_local]) of this rank's queries against the whole sequence."""
-    lengths = _agree(q, k, v, group, causal, layout, timeout_s)
-    ring = _Ring(q, k, group, causal, layout, timeout_s, lengths)
-    forward_block, _ = _kernels(q.device.type)
+def ring_forward(q, k, v, group, causal: bool, scale: float, layout: str, timeout_s: float, mask: str = "",
+                 mask_args=(), fill: float = float("-inf")):
+    """(out in q's dtype, lse fp32) of this rank's queries against the whole sequence.
+
+    lse is ``[B, H, S_local]``, or with a block mask or a finite fill the two-part state
+    ``[2, B, H, S_local]`` (row maximum, log of the sum relative to it) of the torch kernels.
+    """
+    lengths = _agree(q, k, v, group, causal, layout, timeout_s, mask=mask, fill=fill)
+    ring = _Ring(q, k, group, causal, layout, timeout_s, lengths, fill)
+    forward_block, _ = _block_kernels(q.device.type, mask, fill)
+    masking = {"mask_fn": _bound_mask(mask, mask_args), "fill": fill} if _extended(mask, fill) else {}
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    if masking:
+        lse = torch.zeros((2, *q.shape[:-1]), dtype=torch.float32, device=q.device)
+        lse[0] = float("-inf")
+    else:
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     q_pos = ring.positions[ring.rank]
 
     buffers = ring.buffers(q.dtype, q.device) if ring.world > 1 else [None]
@@ -181,18 +233,20 @@ def ring_forward(q, k, v, group, causal: bool, scale: float, layout: str, timeou
             incoming = ring.view(buffers[(step + 1) % 2], ring.source(step + 1))
             in_flight = ring.comm.exchange(kv, incoming, _KV_TAG)
         if ring.visible(src):
-            forward_block(q, kv[0], kv[1], out, lse, q_pos, ring.positions[src], scale=scale, causal=causal)
+            forward_block(q, kv[0], kv[1], out, lse, q_pos, ring.positions[src], scale=scale, causal=causal, **masking)
         if step + 1 < ring.world:
             ring.comm.wait(in_flight, f"receiving key/value block {step + 1} of {ring.world}")
             kv = incoming
     return out.to(q.dtype), lse
 
 
-def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float, layout: str, timeout_s: float):
+def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float, layout: str, timeout_s: float,
+                  mask: str = "", mask_args=(), fill: float = float("-inf")):
     """(dq, dk, dv) for this rank's shards; dK/dV travel the ring one step behind their blocks."""
-    lengths = _agree(q, k, v, group, causal, layout, timeout_s, grad_out=grad_out)
-    ring = _Ring(q, k, group, causal, layout, timeout_s, lengths)
-    _, backward_block = _kernels(q.device.type)
+    lengths = _agree(q, k, v, group, causal, layout, timeout_s, grad_out=grad_out, mask=mask, fill=fill)
+    ring = _Ring(q, k, group, causal, layout, timeout_s, lengths, fill)
+    _, backward_block = _block_kernels(q.device.type, mask, fill)
+    masking = {"mask_fn": _bound_mask(mask, mask_args), "fill": fill} if _extended(mask, fill) else {}
     delta = (grad_out.float() * out.float()).sum(-1)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     q_pos = ring.positions[ring.rank]
@@ -209,7 +263,7 @@ def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float
         block_grads = torch.zeros(ring.block_shapes[src], dtype=torch.float32, device=q.device)
         if ring.visible(src):
             backward_block(q, kv[0], kv[1], grad_out, lse, delta, dq, block_grads[0], block_grads[1],
-                           q_pos, ring.positions[src], scale=scale, causal=causal)
+                           q_pos, ring.positions[src], scale=scale, causal=causal, **masking)
         if ring.world > 1:
             # add the shares of the ranks before us, then pass the accumulator on
             if grads_in_flight is not None:
@@ -234,48 +288,55 @@ def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float
 @torch.library.custom_op("ringify::ring_attention", mutates_args=())
 def ring_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: str, causal: bool, scale: float, layout: str,
-    timeout: float,
+    timeout: float, mask: str, mask_args: list[torch.Tensor], fill: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return ring_forward(q, k, v, resolve_group(group), causal, scale, layout, timeout)
+    """(out, lse). ``mask``: key of a registered block mask ("" = none), called with ``mask_args``;
+    ``fill``: score of hidden keys. lse is [2, B, H, S_local] when ``mask`` or a finite ``fill``."""
+    return ring_forward(q, k, v, resolve_group(group), causal, scale, layout, timeout, mask, mask_args, fill)
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, group, causal, scale, layout, timeout):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+def _(q, k, v, group, causal, scale, layout, timeout, mask, mask_args, fill):
+    lse_shape = (2, *q.shape[:-1]) if _extended(mask, fill) else q.shape[:-1]
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("ringify::ring_attention_backward", mutates_args=())
 def ring_attention_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, group: str, causal: bool, scale: float, layout: str, timeout: float,
+    lse: torch.Tensor, group: str, causal: bool, scale: float, layout: str, timeout: float, mask: str,
+    mask_args: list[torch.Tensor], fill: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return ring_backward(grad_out, q, k, v, out, lse, resolve_group(group), causal, scale, layout, timeout)
+    return ring_backward(grad_out, q, k, v, out, lse, resolve_group(group), causal, scale, layout, timeout,
+                         mask, mask_args, fill)
 
 
 @ring_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, group, causal, scale, layout, timeout):
+def _(grad_out, q, k, v, out, lse, group, causal, scale, layout, timeout, mask, mask_args, fill):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, group, causal, scale, layout, timeout = inputs
+    q, k, v, group, causal, scale, layout, timeout, mask, mask_args, fill = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, *mask_args)
     ctx.mark_non_differentiable(lse)
-    ctx.options = (group, causal, scale, layout, timeout)
+    ctx.options = (group, causal, scale, layout, timeout, mask)
+    ctx.fill = fill
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = ring_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, out, lse, *mask_args = ctx.saved_tensors
+    dq, dk, dv = ring_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, *ctx.options, mask_args, ctx.fill)
+    return dq, dk, dv, None, None, None, None, None, None, [None] * len(mask_args), None
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ring_attention(q, k, v, group=None, *, causal: bool = False, scale: float | None = None,
-                   layout: str = "zigzag", timeout: float | None = None) -> torch.Tensor:
+                   layout: str = "zigzag", timeout: float | None = None, mask=None, mask_args=(),
+                   fill: float = float("-inf")) -> torch.Tensor:
     """Exact attention of the global sequence for this rank's queries.
 
     q: ``[B, H, S_local, D]``; k, v: ``[B, H_kv, S_local, D]`` with ``H % H_kv == 0`` (GQA/MQA without
@@ -283,11 +344,34 @@ def ring_attention(q, k, v, group=None, *, causal: bool = False, scale: float | 
     differ by rank. ``group``: ProcessGroup, 1-D DeviceMesh, or None for the default group (or a single
     process when torch.distributed is not initialised). ``causal`` masks by global position.
     ``timeout``: seconds to wait for a peer before raising ``RingTimeoutError``.
+
+    ``mask``: a block-mask function ``fn(q_pos, k_pos, *mask_args) -> Tensor`` (or the key that
+    :func:`register_block_mask` gave it) returning a bool keep-mask or a float additive bias that
+    broadcasts to ``[B, H, Lq, Lk]`` for the given global positions; see :mod:`.block_mask`. It is
+    called per piece, never with the whole sequence. ``mask_args``: tensors it reads (not
+    differentiated; on the device of q). With ``causal`` the two combine (a key must pass both).
+    ``fill``: the score a hidden key takes (causal or bool mask): -inf (hidden keys weigh nothing;
+    rows with no visible key give 0) or a finite value such as ``torch.finfo(dtype).min``, reproduced
+    exactly (a row whose keys are all filled gets a uniform softmax, as in the unsharded model).
+    Calls with a mask or a finite fill run the plain-torch block kernels, also on CUDA (the Triton
+    kernels take no masks).
     """
     check_layout(layout)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if timeout is None:
         timeout = default_timeout()
-    out, _ = ring_attention_op(q, k, v, group_name(group), bool(causal), float(scale), layout, float(timeout))
+    fill = float(fill)
+    if math.isnan(fill) or fill == float("inf"):
+        raise ValueError(f"fill must be -inf or a finite number, got {fill}")
+    if mask is None:
+        if len(mask_args):
+            raise ValueError("mask_args were given without a mask")
+        key = ""
+        if not causal:
+            fill = float("-inf")  # nothing is hidden: the fill cannot matter
+    else:
+        key = mask if isinstance(mask, str) else register_block_mask(mask)
+    out, _ = ring_attention_op(q, k, v, group_name(group), bool(causal), float(scale), layout, float(timeout),
+                               key, list(mask_args), fill)
     return out
