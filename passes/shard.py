@@ -1,0 +1,470 @@
+"""Rewrite a captured graph so that each rank computes only its own tokens.
+
+Inputs arrive full and identical on every rank. Each node of the new graph exists in up to two
+versions:
+
+- **full**: the original value, computed from the full inputs. Only values that do not depend on
+  parameters or on attention (positions, masks, label shifts, padding counts) may be full: they are
+  O(sequence) and every rank can afford them. Ops that mix tokens (cumsum, shifts, ...) run here.
+- **local**: this rank's tokens of the value (its rows at its global positions under the layout).
+  Token-local ops run on local inputs; ``arange`` over the sequence becomes the global positions;
+  attention becomes the ring; reductions over tokens become a local partial plus a sum over ranks.
+
+A full value that a local op needs is cut with ``shard_like`` at that point (the cheapest one: as
+late as possible, on the smallest value). A local value that a full op would need does not exist:
+that is an op mixing the tokens of activations, and it is refused with the op, the module path and
+the source line.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from ..errors import UnsupportedModelError
+from ..runtime import graph_calls
+from ..runtime.block_mask import register_block_mask
+from ..runtime.collectives import sync_grad
+from .masks import block_mask
+from .sequence import ATTENTION, LOCAL, MIX, POSITIONS, REDUCE, classify, has_tokens, packet, token_dims, value
+from .where import describe, module_path, source_line
+
+aten = torch.ops.aten
+
+
+@dataclass
+class ShardPlan:
+    """What the rewrite did, for reports."""
+
+    attention: list[dict] = field(default_factory=list)
+    reductions: list[dict] = field(default_factory=list)
+    positions: list[dict] = field(default_factory=list)
+    full_ops: list[dict] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)
+    outputs: list[dict] = field(default_factory=list)
+    synced_parameters: int = 0
+
+
+def _is_canonical_attention(node: fx.Node) -> bool:
+    from .attention import attention
+
+    return node.op == "call_function" and node.target is attention
+
+
+def _info(node: fx.Node, **extra) -> dict:
+    return {"node": node.name, "op": describe(node).split(" ")[0].strip("`"), "module": module_path(node),
+            "source": source_line(node), **extra}
+
+
+class _Sharder:
+    def __init__(self, gm: fx.GraphModule, symbols: set, group: str, layout: str, outputs: str, sync_grads: bool,
+                 world_size: int):
+        self.gm, self.symbols, self.group, self.layout = gm, symbols, group, layout
+        self.outputs, self.sync_grads, self.world_size = outputs, sync_grads, world_size
+        self.nodes = list(gm.graph.nodes)
+        self.plan = ShardPlan()
+        self.family: dict[fx.Node, str] = {}
+        self.active: dict[fx.Node, bool] = {}
+        self.masks: dict[fx.Node, object] = {}
+
+    # ------------------------------------------------------------------ analysis
+    def tokens(self, node) -> bool:
+        return isinstance(node, fx.Node) and has_tokens(node, self.symbols)
+
+    def analyse(self) -> None:
+        params = {id(p) for p in self.gm.parameters()}
+        for node in self.nodes:
+            if node.op == "get_attr":
+                self.active[node] = id(_fetch(self.gm, node.target)) in params
+                continue
+            inputs = node.all_input_nodes
+            self.active[node] = any(self.active.get(i, False) for i in inputs)
+            if node.op != "call_function":
+                continue
+            touches = self.tokens(node) or any(self.tokens(i) for i in inputs)
+            if _is_canonical_attention(node):
+                self.family[node] = ATTENTION
+                self.active[node] = True
+            elif node.meta.get("ringify_ffn"):
+                self.family[node] = LOCAL
+            elif touches:
+                self.family[node] = classify(node, self.symbols)
+                if self.family[node] == REDUCE and not _reduces_everything(node, self.symbols):
+                    self.family[node] = LOCAL if _per_token_loss(node) else MIX
+
+    def demands(self) -> None:
+        """Which versions (full / local) of each node are needed, from the outputs back."""
+        self.need_full: dict[fx.Node, fx.Node] = {}  # node -> a consumer that needs it full
+        self.need_local: set[fx.Node] = set()
+        self.compute_full: set[fx.Node] = set()
+        self.compute_local: set[fx.Node] = set()
+        self.needed: set[fx.Node] = set()
+        for node in reversed(self.nodes):
+            if node.op == "output":
+                for arg in node.all_input_nodes:
+                    self.needed.add(arg)
+                    if self.tokens(arg):
+                        (self.need_local.add(arg) if self.active[arg] else self.need_full.setdefault(arg, node))
+                continue
+            if _is_assert(node):
+                continue  # emitted only where the values it checks exist anyway
+            fam = self.family.get(node)
+            tokens = self.tokens(node)
+            if not tokens:
+                if not (node in self.needed or _impure(node) or any(u in self.needed for u in node.users)):
+                    continue
+                self.needed.add(node)
+                if node.op in ("placeholder", "get_attr"):
+                    continue
+                # a value without tokens (a loss, a count, a size): from local inputs if they are activations
+                use_local = fam in (REDUCE, LOCAL, ATTENTION) and self.active[node]
+                self._demand_inputs(node, local=use_local)
+                continue
+            wanted_full = node in self.need_full
+            wanted_local = node in self.need_local
+            if not (wanted_full or wanted_local):
+                continue
+            self.needed.add(node)
+            if node.op == "placeholder":
+                continue
+            if wanted_full and self.active[node]:
+                consumer = self.need_full[node]
+                raise UnsupportedModelError(
+                    f"{describe(consumer)} mixes the tokens of an activation "
+                    f"(it needs all of {describe(node)} across the sequence), so it cannot run on one rank's "
+                    "shard. ringify handles attention, token-local ops and reductions over tokens; hint: move "
+                    "this op before the layers (on inputs) or replace it with attention, or run this model "
+                    "without ringify."
+                )
+            if fam == ATTENTION:
+                self.compute_local.add(node)
+                self._demand_inputs(node, local=True)
+                continue
+            if fam == POSITIONS:
+                if wanted_full:
+                    self.compute_full.add(node)
+                if wanted_local:
+                    self.compute_local.add(node)
+                self._demand_args(node, full=True)  # the end/start SymInts: full sizes
+                continue
+            if fam == MIX:
+                self.compute_full.add(node)
+                self._demand_inputs(node, local=False, consumer=node)
+                continue
+            # token-local
+            if wanted_full:
+                self.compute_full.add(node)
+                self._demand_inputs(node, local=False, consumer=self.need_full[node])
+            if wanted_local:
+                self.compute_local.add(node)
+                self._demand_inputs(node, local=True)
+
+    def _demand_args(self, node: fx.Node, full: bool) -> None:
+        for arg in node.all_input_nodes:
+            self.needed.add(arg)
+            if self.tokens(arg):
+                self.need_full.setdefault(arg, node)
+
+    def _demand_inputs(self, node: fx.Node, local: bool, consumer: fx.Node | None = None) -> None:
+        if self.family.get(node) == ATTENTION:
+            q, k, v, mask = _attention_args(node)
+            for arg in (q, k, v):
+                self.needed.add(arg)
+                self.need_local.add(arg)
+            if mask is not None:
+                plan = self.masks.get(mask)
+                if plan is None:
+                    plan = self.masks[mask] = block_mask(mask, self.symbols)
+                for leaf in plan.leaves:
+                    self.needed.add(leaf)
+                    if self.tokens(leaf):
+                        if self.active.get(leaf):
+                            raise UnsupportedModelError(
+                                f"the attention mask of {describe(node)} depends on activations through "
+                                f"{describe(leaf)}; ringify evaluates masks from positions, inputs and buffers only"
+                            )
+                        self.need_full.setdefault(leaf, node)
+            return
+        for arg in node.all_input_nodes:
+            self.needed.add(arg)
+            if not self.tokens(arg):
+                continue
+            if local:
+                self.need_local.add(arg)
+            else:
+                self.need_full.setdefault(arg, consumer or node)
+
+    # ------------------------------------------------------------------ emission
+    def emit(self) -> fx.GraphModule:
+        graph = fx.Graph()
+        graph._codegen = copy.deepcopy(self.gm.graph._codegen)
+        self.graph = graph
+        self.full: dict[fx.Node, fx.Node] = {}
+        self.local: dict[fx.Node, fx.Node] = {}
+        self.shared: dict[fx.Node, fx.Node] = {}
+        for node in self.nodes:
+            if node.op == "output":
+                self.emit_output(node)
+            elif _is_assert(node):
+                self.emit_assert(node)
+            elif node not in self.needed:
+                continue
+            elif node.op == "placeholder":
+                self.full[node] = self.shared[node] = graph.node_copy(node)
+            elif node.op == "get_attr":
+                copied = graph.node_copy(node)
+                if self.active[node] and self.sync_grads and self.world_size > 1:
+                    self.shared[node] = graph.call_function(sync_grad, (copied, self.group))
+                    self.plan.synced_parameters += 1
+                else:
+                    self.shared[node] = copied
+            elif not self.tokens(node):
+                self.emit_tokenless(node)
+            else:
+                if node in self.compute_full:
+                    self.full[node] = self.copy(node, self.get_full)
+                    if self.family.get(node) == MIX:
+                        self.plan.full_ops.append(_info(node))
+                if node in self.compute_local:
+                    self.local[node] = self.emit_local(node)
+        return fx.GraphModule(self.gm, graph)
+
+    def emit_assert(self, node: fx.Node) -> None:
+        """Keep a metadata assert where the value it checks exists (local first); drop it otherwise."""
+        for versions in (self.local, self.full, self.shared):
+            if all(i in versions or i in self.shared for i in node.all_input_nodes):
+                get = lambda n, v=versions: v.get(n, self.shared.get(n))  # noqa: E731
+                self.copy(node, get)
+                return
+
+    def copy(self, node: fx.Node, get) -> fx.Node:
+        new = self.graph.node_copy(node, lambda n: get(n))
+        new.meta = dict(node.meta)
+        return new
+
+    def get_full(self, node: fx.Node) -> fx.Node:
+        if node in self.shared:
+            return self.shared[node]
+        if node in self.full:
+            return self.full[node]
+        raise AssertionError(f"ringify: no full version of {node.name}")
+
+    def get_local(self, node: fx.Node) -> fx.Node:
+        if node in self.local:
+            return self.local[node]
+        if not self.tokens(node) and node in self.shared:
+            return self.shared[node]
+        if node in self.full:  # cut the full value here: the cheapest point
+            self.local[node] = self.shard(node)
+            return self.local[node]
+        if node in self.shared:
+            return self.shared[node]
+        raise AssertionError(f"ringify: no local version of {node.name}")
+
+    def shard(self, node: fx.Node) -> fx.Node:
+        val = value(node)
+        if isinstance(val, torch.SymInt):
+            raise UnsupportedModelError(f"ringify cannot shard the size {describe(node)}")
+        dims = token_dims(node, self.symbols)
+        if len(dims) != 1 or not _is_plain_symbol(val.shape[dims[0]]):
+            raise UnsupportedModelError(
+                f"{describe(node)} produces a value with token dims {dims} of sizes "
+                f"{[val.shape[d] for d in dims]} that ringify would have to cut into shards; only a single, "
+                "unflattened sequence dim can be cut. Hint: keep the sequence dim separate until after the layers."
+            )
+        self.plan.shards.append(_info(node, dim=dims[0]))
+        return self.graph.call_function(graph_calls.shard_like, (self.full[node], dims[0], self.group, self.layout))
+
+    def emit_tokenless(self, node: fx.Node) -> None:
+        fam = self.family.get(node)
+        if fam == REDUCE and self.active[node]:
+            self.shared[node] = self.emit_reduction(node)
+        elif node.op == "call_function" and self.active[node] and any(self.tokens(i) for i in node.all_input_nodes):
+            self.shared[node] = self.copy(node, self.get_local)
+        elif node.op in ("call_function", "call_module", "call_method"):
+            self.shared[node] = self.copy(node, self.get_full)
+        else:
+            self.shared[node] = self.graph.node_copy(node, self.get_full)
+
+    def emit_local(self, node: fx.Node) -> fx.Node:
+        fam = self.family.get(node)
+        if fam == ATTENTION:
+            return self.emit_attention(node)
+        if fam == POSITIONS:
+            return self.emit_positions(node)
+        if fam == REDUCE:
+            return self.emit_reduction(node)
+        return self.copy(node, self.get_local)
+
+    def emit_positions(self, node: fx.Node) -> fx.Node:
+        args = list(node.args)
+        if len(args) == 1:
+            start, end, step = 0, args[0], 1
+        else:
+            start, end = args[0], args[1]
+            step = args[2] if len(args) > 2 else 1
+        dtype = node.kwargs.get("dtype", value(node).dtype)
+        device = node.kwargs.get("device", value(node).device)
+        self.plan.positions.append(_info(node))
+        get = lambda a: self.get_full(a) if isinstance(a, fx.Node) else a  # noqa: E731
+        return self.graph.call_function(
+            graph_calls.local_arange, (get(end), get(start), step, self.group, self.layout, dtype, device)
+        )
+
+    def emit_attention(self, node: fx.Node) -> fx.Node:
+        q, k, v, mask = _attention_args(node)
+        kwargs = node.kwargs
+        if kwargs.get("dropout_p", 0.0) and self.gm.training:
+            raise UnsupportedModelError(
+                f"{describe(node)} applies dropout p={kwargs['dropout_p']} to attention probabilities in training; "
+                "the ring cannot draw the same random mask. Hint: set the attention dropout to 0 (or call model.eval())."
+            )
+        mask_fn, mask_args, mask_kind = None, [], None
+        if mask is not None:
+            plan = self.masks[mask]
+            mask_fn = register_block_mask(plan.fn)  # by key: the generated code holds a string
+            mask_args = [self.get_full(leaf) if self.tokens(leaf) else self.shared[leaf] for leaf in plan.leaves]
+            mask_kind = kwargs.get("mask_kind")
+        info = dict(node.meta.get("ringify_attention") or {})
+        self.plan.attention.append(_info(node, mask=mask_kind, mask_ops=getattr(self.masks.get(mask), "ops", []),
+                                         causal=bool(kwargs.get("causal")), **{k: v for k, v in info.items()
+                                                                               if k not in ("module", "source")}))
+        fill = kwargs.get("fill", float("-inf"))
+        if mask_kind == "add":
+            fill = float("-inf")
+        new = self.graph.call_function(
+            graph_calls.ring_attention_call,
+            (self.get_local(q), self.get_local(k), self.get_local(v), mask_args),
+            dict(mask_fn=mask_fn, scale=float(kwargs["scale"]), causal=bool(kwargs.get("causal", False)),
+                 fill=float(fill), group=self.group, layout=self.layout),
+        )
+        new.meta = dict(node.meta)
+        return new
+
+    def emit_reduction(self, node: fx.Node) -> fx.Node:
+        op = packet(node)
+        get = lambda a: self.get_local(a) if isinstance(a, fx.Node) else a  # noqa: E731
+        args = [get(a) for a in node.args]
+        self.plan.reductions.append(_info(node))
+        if op is aten.sum or op is aten.mean:
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            dtype = node.kwargs.get("dtype")
+            fn = graph_calls.sum_over_ranks if op is aten.sum else graph_calls.mean_over_ranks
+            return self.graph.call_function(fn, (args[0], dims, keepdim, dtype, self.group))
+        if op is aten.cross_entropy_loss:
+            return self.graph.call_function(graph_calls.cross_entropy_over_ranks, tuple(args),
+                                            {**{k: get(v) for k, v in node.kwargs.items()}, "group": self.group})
+        if op in (aten.nll_loss, aten.nll_loss_nd):
+            return self.graph.call_function(graph_calls.nll_over_ranks, tuple(args[:5]), {"group": self.group})
+        if op in (aten.mse_loss, aten.l1_loss, aten.smooth_l1_loss):
+            return self.graph.call_function(graph_calls.pointwise_loss_over_ranks, (op.__name__, *args),
+                                            {"group": self.group})
+        raise UnsupportedModelError(f"{describe(node)} reduces over tokens in a way ringify does not rewrite yet")
+
+    def emit_output(self, node: fx.Node) -> None:
+        def out(arg):
+            if not isinstance(arg, fx.Node):
+                return arg
+            if not self.tokens(arg):
+                return self.shared[arg]
+            if not self.active[arg]:
+                return self.get_full(arg)
+            local = self.get_local(arg)
+            if self.outputs == "local":
+                self.plan.outputs.append(_info(arg, kept="local"))
+                return local
+            dims = token_dims(arg, self.symbols)
+            val = value(arg)
+            if len(dims) != 1 or not _is_plain_symbol(val.shape[dims[0]]):
+                raise UnsupportedModelError(
+                    f"output {describe(arg)} has token dims {dims} that cannot be gathered; use outputs='local'"
+                )
+            seq_len = self.full_size(val.shape[dims[0]])
+            self.plan.outputs.append(_info(arg, gathered_dim=dims[0]))
+            return self.graph.call_function(graph_calls.gather_output, (local, dims[0], self.group, self.layout, seq_len))
+
+        self.graph.output(torch.fx.node.map_arg(node.args[0], out) if False else _map(node.args[0], out))
+
+    def full_size(self, size) -> fx.Node:
+        """A node of the new graph giving the full length of the sequence symbol ``size``."""
+        expr = size.node.expr
+        for node in self.nodes:
+            if node.op == "placeholder":
+                for d, s in enumerate(getattr(value(node), "shape", ())):
+                    if isinstance(s, torch.SymInt) and s.node.expr == expr:
+                        return self.graph.call_function(aten.sym_size.int, (self.full[node], d))
+        raise UnsupportedModelError(f"cannot find the input that gives the sequence length {expr}")
+
+
+def _is_assert(node: fx.Node) -> bool:
+    return node.op == "call_function" and packet(node) in (aten._assert_tensor_metadata, aten._assert_scalar,
+                                                            aten.sym_constrain_range_for_size, aten._assert_async)
+
+
+def _impure(node: fx.Node) -> bool:
+    return node.op == "call_module" or (node.op == "call_function" and node.is_impure())
+
+
+def _map(arg, fn):
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(_map(a, fn) for a in arg)
+    if isinstance(arg, dict):
+        return {k: _map(v, fn) for k, v in arg.items()}
+    return fn(arg)
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_plain_symbol(size) -> bool:
+    return isinstance(size, torch.SymInt) and size.node.expr.is_Symbol
+
+
+def _attention_args(node: fx.Node):
+    args = list(node.args) + [None] * (4 - len(node.args))
+    q, k, v, mask = args[:4]
+    mask = node.kwargs.get("mask", mask)
+    return q, k, v, mask
+
+
+def _reduces_everything(node: fx.Node, symbols: set) -> bool:
+    """Whether a REDUCE node leaves no token dim (partial reductions that keep tokens are not sums over ranks)."""
+    if packet(node) in (aten.cross_entropy_loss, aten.nll_loss, aten.nll_loss_nd, aten.mse_loss, aten.l1_loss,
+                        aten.smooth_l1_loss, aten.binary_cross_entropy_with_logits):
+        reduction = _loss_reduction(node)
+        return reduction != 0
+    return not has_tokens(node, symbols)
+
+
+def _per_token_loss(node: fx.Node) -> bool:
+    return packet(node) in (aten.cross_entropy_loss, aten.nll_loss, aten.mse_loss) and _loss_reduction(node) == 0
+
+
+def _loss_reduction(node: fx.Node) -> int:
+    position = {aten.cross_entropy_loss: 3, aten.nll_loss: 3, aten.nll_loss_nd: 3}.get(packet(node), 2)
+    if len(node.args) > position:
+        return node.args[position]
+    return node.kwargs.get("reduction", 1)
+
+
+def shard_graph(gm: fx.GraphModule, symbols: set, *, group: str, layout: str, world_size: int,
+                outputs: str = "full", sync_grads: bool = True) -> tuple[fx.GraphModule, ShardPlan]:
+    """The rank-local version of ``gm`` (see the module docstring) and what was done."""
+    sharder = _Sharder(gm, symbols, group, layout, outputs, sync_grads, world_size)
+    sharder.analyse()
+    sharder.demands()
+    new = sharder.emit()
+    new.graph.eliminate_dead_code()
+    new.recompile()
+    return new, sharder.plan
+
+
+__all__ = ["ShardPlan", "shard_graph", "LOCAL"]

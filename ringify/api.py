@@ -1,0 +1,124 @@
+"""``ringify(model, mesh)``: the model, rewritten to run its sequence around a ring of ranks.
+
+Capture is lazy, like ``torch.compile``: the first call traces the model with its real inputs, the
+passes rewrite the graph, and later calls with the same input signature reuse it; a new signature
+(other shapes, dtypes, train/eval) captures again.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import fx
+from torch.utils._pytree import tree_flatten
+
+from .capture import capture, sequence_length, signature
+from .errors import UnsupportedModelError
+from .passes.attention import canonicalize_attention
+from .passes.ffn import chunk_feed_forward, symbolic_token_dim
+from .passes.shard import shard_graph
+from .report import Report, build_report
+from .runtime.comm import group_name, rank_and_size, resolve_group
+from .runtime.layout import check_layout
+
+
+class RingModule(torch.nn.Module):
+    """A ring-parallel version of ``model``: call it like the model, with full inputs on every rank."""
+
+    def __init__(self, model: torch.nn.Module, mesh=None, *, layout: str = "zigzag", outputs: str = "full",
+                 sync_grads: bool = True, seq_dim: int = 1, ffn_chunk_tokens: int | None = 256,
+                 check_inputs: bool = True):
+        super().__init__()
+        check_layout(layout)
+        if outputs not in ("full", "local"):
+            raise ValueError(f"outputs must be 'full' or 'local', got {outputs!r}")
+        self.model = model
+        self.group = group_name(mesh)
+        self.layout, self.outputs, self.sync_grads = layout, outputs, sync_grads
+        self.seq_dim, self.ffn_chunk_tokens, self.check_inputs = seq_dim, ffn_chunk_tokens, check_inputs
+        self._graphs: dict[tuple, fx.GraphModule] = {}
+        self._reports: dict[tuple, Report] = {}
+        self._last: tuple | None = None
+
+    @property
+    def world_size(self) -> int:
+        return rank_and_size(resolve_group(self.group))[1]
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The rewritten graph of the last call (``print(rm.graph_module.code)``)."""
+        if self._last is None:
+            raise RuntimeError("ringify captures on the first call: call the module once first")
+        return self._graphs[self._last]
+
+    def forward(self, *args, **kwargs):
+        key = signature(args, kwargs, self.model.training)
+        if key not in self._graphs:
+            seq_len = sequence_length(args, kwargs, self.seq_dim)
+            world = self.world_size
+            if seq_len < world:
+                raise ValueError(f"the sequence has {seq_len} tokens but the ring has {world} ranks: each rank "
+                                 "needs at least one token")
+            if self.check_inputs:
+                _check_identical(args, kwargs, self.group)
+            self._graphs[key], self._reports[key] = self._rewrite(args, kwargs, seq_len)
+        self._last = key
+        return self._graphs[key](*args, **kwargs)
+
+    def _rewrite(self, args, kwargs, seq_len: int):
+        captured = capture(self.model, args, kwargs, self.seq_dim)
+        gm = captured.graph_module
+        if not captured.symbols and self.world_size > 1:
+            raise UnsupportedModelError(
+                f"the sequence length of {type(self.model).__name__} was specialised to {seq_len} during capture "
+                "(the model branches on it), so ringify cannot find the tokens in the graph. Hint: remove the "
+                "branch on the sequence length, or report the model."
+            )
+        attention = canonicalize_attention(gm)
+        ffn = []
+        if self.ffn_chunk_tokens:
+            ffn = chunk_feed_forward(gm, lambda n: symbolic_token_dim(n, captured.symbols),
+                                     chunk_tokens=self.ffn_chunk_tokens)
+        new, plan = shard_graph(gm, captured.symbols, group=self.group, layout=self.layout,
+                                world_size=self.world_size, outputs=self.outputs, sync_grads=self.sync_grads)
+        report = build_report(self.model, attention, ffn, plan, world_size=self.world_size, seq_len=seq_len,
+                              layout=self.layout)
+        return new, report
+
+    def report(self) -> Report:
+        """What was found, rewritten and refused in the last captured graph."""
+        if self._last is None:
+            raise RuntimeError("ringify captures on the first call: call the module once, then report()")
+        return self._reports[self._last]
+
+
+def _check_identical(args, kwargs, group: str) -> None:
+    """Inputs must be full and identical on every rank: compare a checksum of each tensor once."""
+    pg = resolve_group(group)
+    if rank_and_size(pg)[1] == 1:
+        return
+    sums = []
+    for leaf in tree_flatten((args, kwargs))[0]:
+        if isinstance(leaf, torch.Tensor):
+            flat = leaf.detach().reshape(-1).double()
+            weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder_(9973)
+            sums += [float(leaf.numel()), flat.sum().item(), (flat * weights).sum().item()]
+    mine = torch.tensor(sums, dtype=torch.float64)
+    device = "cuda" if dist.get_backend(pg) == "nccl" else "cpu"
+    mine = mine.to(device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(pg))]
+    dist.all_gather(gathered, mine, group=pg)
+    differing = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
+    if differing:
+        raise ValueError(
+            f"ringify: the inputs differ between ranks (ranks {differing} differ from rank 0). Every rank must "
+            "call the ringified model with the same full-length inputs; ringify cuts each rank's shard itself."
+        )
+
+
+def ringify(model: torch.nn.Module, mesh=None, **options) -> RingModule:
+    """Rewrite ``model`` so each rank of ``mesh`` (1-D DeviceMesh, ProcessGroup, or None = default group)
+    holds only its shard of the sequence. Options: ``layout`` ('zigzag', 'contiguous', 'striped'),
+    ``outputs`` ('full' or 'local'), ``sync_grads`` (sum parameter gradients over ranks in backward),
+    ``seq_dim`` (the inputs' sequence dim, 1), ``ffn_chunk_tokens`` (feed-forward chunk, None = off)."""
+    return RingModule(model, mesh, **options)

@@ -1,0 +1,82 @@
+"""Capture a model as an FX graph whose sequence dimension stays symbolic.
+
+``torch.export.export(strict=False)`` in its training IR, before decompositions, so that
+``scaled_dot_product_attention`` stays one node. The sequence dim of every input is marked
+``Dim.AUTO``: sizes that follow from it (views, ``arange``, masks) become expressions of one symbol,
+which is how the passes find the tokens in every tensor of the graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch.export import Dim
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .errors import UnsupportedModelError
+
+
+@dataclass
+class Captured:
+    graph_module: fx.GraphModule  # ``ExportedProgram.module()``: same parameters as the model
+    symbols: set                  # sympy symbols of the sequence length
+    seq_len: int
+
+
+def sequence_length(args, kwargs, seq_dim: int) -> int:
+    """The sequence length: ``seq_dim`` of the first tensor input that has it."""
+    for leaf in tree_flatten((args, kwargs))[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > seq_dim:
+            return leaf.size(seq_dim)
+    raise UnsupportedModelError(
+        f"no tensor input has a dim {seq_dim} to hold the sequence; pass seq_dim=... to ringify()"
+    )
+
+
+def signature(args, kwargs, training: bool) -> tuple:
+    """What decides whether a captured graph can be reused: shapes, dtypes, devices, constants."""
+    leaves, spec = tree_flatten((args, kwargs))
+    parts = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            parts.append((tuple(leaf.shape), leaf.dtype, leaf.device.type, leaf.requires_grad))
+        else:
+            parts.append(repr(leaf))
+    return (str(spec), tuple(parts), training, torch.is_grad_enabled())
+
+
+def _dynamic_shapes(model: torch.nn.Module, args, kwargs, seq_dim: int, seq_len: int):
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+
+    def spec(x):
+        if isinstance(x, torch.Tensor) and x.dim() > seq_dim and x.size(seq_dim) == seq_len:
+            return {seq_dim: Dim.AUTO}
+        return None
+
+    return {name: tree_map(spec, v) for name, v in bound.arguments.items()}
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, seq_dim: int = 1) -> Captured:
+    """Export ``model`` on these inputs with a symbolic sequence length."""
+    seq_len = sequence_length(args, kwargs, seq_dim)
+    try:
+        dynamic = _dynamic_shapes(model, args, kwargs, seq_dim, seq_len)
+        program = torch.export.export(model, tuple(args), dict(kwargs), strict=False, dynamic_shapes=dynamic)
+    except Exception as err:  # export's own errors are long; keep the first lines and the kind
+        first = "\n".join(str(err).strip().splitlines()[:6])
+        raise UnsupportedModelError(
+            f"torch.export could not capture {type(model).__name__}: {type(err).__name__}: {first}\n"
+            "Hint: ringify needs a model that torch.export.export(model, args, kwargs, strict=False) can capture; "
+            "for HuggingFace models pass use_cache=False."
+        ) from err
+    gm = program.module()
+    symbols: set = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and isinstance(node.meta.get("val"), torch.Tensor):
+            val = node.meta["val"]
+            if val.dim() > seq_dim and isinstance(val.shape[seq_dim], torch.SymInt):
+                symbols |= val.shape[seq_dim].node.expr.free_symbols
+    return Captured(gm, symbols, seq_len)

@@ -1,0 +1,100 @@
+"""What ringify found, rewrote and refused, per layer, with module paths and source lines."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import re
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Report:
+    model: str
+    world_size: int
+    seq_len: int
+    layout: str
+    layers: dict[str, dict] = field(default_factory=dict)   # layer path -> {"attention": [...], "ffn": [...]}
+    reductions: list[dict] = field(default_factory=list)
+    positions: list[dict] = field(default_factory=list)
+    full_ops: list[dict] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)
+    outputs: list[dict] = field(default_factory=list)
+    synced_parameters: int = 0
+    refused: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, default=str)
+
+    def to_markdown(self) -> str:
+        lines = [f"# ringify report: {self.model}",
+                 f"world size {self.world_size}, sequence {self.seq_len}, layout {self.layout}", "",
+                 "| layer | attention | mask | GQA | feed-forward | source |", "|---|---|---|---|---|---|"]
+        for path, layer in self.layers.items():
+            attn = layer.get("attention", [])
+            ffn = layer.get("ffn", [])
+            a = ", ".join(f"{x.get('kind', '?')} -> ring" for x in attn) or "-"
+            m = ", ".join(_mask_text(x) for x in attn) or "-"
+            g = ", ".join("yes" if x.get("gqa") else "no" for x in attn) or "-"
+            f = ", ".join(f"{x.get('kind', '?')}({x.get('activation', '')}) -> chunked" for x in ffn) or "-"
+            src = (attn or ffn or [{}])[0].get("source", "")
+            lines.append(f"| {path or '(top)'} | {a} | {m} | {g} | {f} | {src} |")
+        lines += ["", f"- positions rewritten to global positions: {len(self.positions)}",
+                  f"- reductions over tokens -> local partial + sum over ranks: "
+                  + (", ".join(f"{r['op']} ({r['module'] or 'top'})" for r in self.reductions) or "none"),
+                  f"- ops run on full inputs on every rank (they mix tokens of inputs only): "
+                  + (", ".join(f"{r['op']}" for r in self.full_ops) or "none"),
+                  f"- inputs cut into shards at: " + (", ".join(s["node"] for s in self.shards) or "none"),
+                  f"- outputs: " + (", ".join(f"{o['node']} ({'gathered' if 'gathered_dim' in o else 'local'})"
+                                                for o in self.outputs) or "none"),
+                  f"- parameters whose gradients are summed over ranks: {self.synced_parameters}"]
+        if self.refused:
+            lines += ["", "## refused"] + [f"- {r['what']}: {r['why']}" for r in self.refused]
+        return "\n".join(lines) + "\n"
+
+    def to_html(self, path: str | None = None) -> str:
+        body = html.escape(self.to_markdown())
+        page = f"<!doctype html><meta charset=utf-8><title>ringify report</title><pre>{body}</pre>"
+        if path:
+            with open(path, "w") as f:
+                f.write(page)
+        return page
+
+
+def _mask_text(attn: dict) -> str:
+    parts = []
+    if attn.get("causal"):
+        parts.append("causal")
+    if attn.get("mask"):
+        ops = attn.get("mask_ops") or []
+        parts.append(f"{attn['mask']} mask" + (f" ({'/'.join(dict.fromkeys(ops))})" if ops else ""))
+    return " + ".join(parts) or "none"
+
+
+def _layer_of(path: str) -> str:
+    """``model.layers.3.self_attn`` -> ``model.layers.3`` (the block that holds attention and FFN)."""
+    match = re.match(r"(.*?\.\d+)(\.|$)", path or "")
+    return match.group(1) if match else (path.rsplit(".", 1)[0] if "." in (path or "") else path or "")
+
+
+def build_report(model, attention, ffn, plan, *, world_size: int, seq_len: int, layout: str) -> Report:
+    report = Report(type(model).__name__, world_size, seq_len, layout)
+    by_node = {a["node"]: a for a in plan.attention}
+    for match in attention:
+        entry = dict(getattr(match, "summary", None) or {})
+        entry.update({k: getattr(match, k) for k in ("kind", "gqa", "scale", "causal", "mask_kind", "module_path",
+                                                      "source") if hasattr(match, k)})
+        output = getattr(match, "output", None)
+        if output is not None and output.name in by_node:
+            entry.update({k: v for k, v in by_node[output.name].items() if k in ("mask", "mask_ops", "causal")})
+        path = entry.get("module_path", "")
+        report.layers.setdefault(_layer_of(path), {}).setdefault("attention", []).append(entry)
+    for match in ffn:
+        entry = dict(match.summary) if hasattr(match, "summary") else dict(getattr(match, "__dict__", {}))
+        entry = {k: v for k, v in entry.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        path = entry.get("module_path", "")
+        report.layers.setdefault(_layer_of(path), {}).setdefault("ffn", []).append(entry)
+    report.reductions, report.positions, report.full_ops = plan.reductions, plan.positions, plan.full_ops
+    report.shards, report.outputs, report.synced_parameters = plan.shards, plan.outputs, plan.synced_parameters
+    return report
