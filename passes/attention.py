@@ -80,6 +80,8 @@ def attention(
     `fill`), 'add' (float bias added to the scaled scores), or None.
     causal: key j visible to query i iff j <= i (positions), combined with the mask by AND; masked
     causal scores are -inf. Half-precision inputs are computed in fp32; the result has q's dtype.
+    A query row with no visible key (every score -inf) gives 0 with zero gradients, as SDPA does
+    (a hand-written softmax would give NaN there).
     """
     heads, kv_heads = q.shape[1], k.shape[1]
     if kv_heads != heads:
@@ -100,7 +102,8 @@ def attention(
         sq, sk = s.shape[-2], s.shape[-1]
         visible = torch.ones(sq, sk, dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(visible.logical_not(), NEG_INF)
-    p = torch.softmax(s, dim=-1)
+    empty = s.amax(dim=-1, keepdim=True) == NEG_INF
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     if dropout_p > 0.0:
         p = F.dropout(p, dropout_p, training=True)
     return torch.matmul(p, v.to(ct)).to(q.dtype)
@@ -269,6 +272,10 @@ _HINT_GENERAL = (
     "write attention as torch.nn.functional.scaled_dot_product_attention (attn_implementation='sdpa' "
     "for HuggingFace models), or as softmax((q @ k^T) * scale [+ mask], dim=-1) @ v"
 )
+_HINT_SEQUENCE = (
+    "a softmax over the sequence that is not attention mixes all positions, which ring attention "
+    "cannot shard; keep that part (e.g. attention pooling) outside the module given to ringify"
+)
 _HINT_WEIGHTS = (
     "do not return or reuse the attention probabilities (output_attentions=False for HuggingFace "
     "models, need_weights=False for nn.MultiheadAttention): ring attention never materialises them"
@@ -300,6 +307,21 @@ def _same(a, b) -> bool:
         return False
 
 
+def _differ(a, b) -> bool:
+    """Provably different (sizes with unrelated symbols are not)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a != b
+    try:
+        return bool(statically_known_true(a != b))
+    except Exception:
+        return False
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    sa, sb = _shape(a), _shape(b)
+    return len(sa) == len(sb) and all(_same(x, y) for x, y in zip(sa, sb))
+
+
 def _is_symbolic(x) -> bool:
     return isinstance(x, torch.SymInt) and bool(free_symbols(x))
 
@@ -318,6 +340,8 @@ def _scalar(x) -> float | None:
         if x.target is aten.scalar_tensor.default:
             return _scalar(x.args[0])
         if x.target is aten.full.default and len(x.args[0]) == 0:
+            return _scalar(x.args[1])
+        if x.target is aten.full_like.default:
             return _scalar(x.args[1])
         if x.target in (aten.lift_fresh_copy.default, aten.clone.default) or x.target in _CASTS:
             return _scalar(x.args[0])
@@ -461,7 +485,8 @@ def _strip_repeat(op: _Operand, peeled: set) -> tuple[_Operand, int]:
     shape = _shape(node)
     if _is_call(node, {aten.repeat_interleave.self_int}):
         reps, dim = _arg(node, 1, "repeats"), _arg(node, 2, "dim")
-        if isinstance(reps, int) and dim is not None and _norm_dim(dim, 4) == 1:
+        base = node.args[0]
+        if isinstance(reps, int) and dim is not None and _norm_dim(dim, 4) == 1 and _same(shape[1], _shape(base)[1] * reps):
             peeled.add(node)
             return _Operand(node.args[0], op.layout), reps
         return op, 1
@@ -470,7 +495,7 @@ def _strip_repeat(op: _Operand, peeled: set) -> tuple[_Operand, int]:
     expand = node.args[0]
     x5 = expand.args[0]
     chain = [node, expand]
-    while _is_call(x5, {aten.slice.Tensor, aten.alias.default}) and _shape(x5) == _shape(x5.args[0]):
+    while _is_call(x5, {aten.slice.Tensor, aten.alias.default}) and _same_shape(x5, x5.args[0]):
         chain.append(x5)
         x5 = x5.args[0]
     if _is_call(x5, {aten.unsqueeze.default}) and _norm_dim(x5.args[1], 5) == 2:
@@ -691,7 +716,10 @@ def _match_softmax(sm: fx.Node, ctx: _Ctx) -> tuple[dict, _Plan]:
     shape = _shape(sm)
     dim = _norm_dim(sm.args[1], len(shape))
     if dim != len(shape) - 1:
-        raise _NoMatch(f"softmax over dim {sm.args[1]} of a {len(shape)}-D tensor, not over the last (key) dim")
+        raise _NoMatch(
+            f"softmax over dim {sm.args[1]} of a {len(shape)}-D tensor, not over the last (key) dim",
+            _HINT_SEQUENCE,
+        )
     score, steps = _walk_scores(sm.args[0])
     post, dropout_p, out = _walk_probs(sm, ctx)
 
@@ -838,7 +866,7 @@ def _finish(ctx, anchor, out, q, k, v, score_layout, out_layout, mask, mask_kind
     heads, kv_heads = qs["H"], ks["H"]
     if not (_same(qs["B"], ks["B"]) and _same(qs["B"], vs["B"])):
         raise _NoMatch("query and key/value have different batch sizes (broadcast over batch)")
-    if not _same(vs["H"], kv_heads) or not _same(ks["K"], vs["K"]) or not _same(qs["D"], ks["D"]):
+    if not _same(vs["H"], kv_heads) or not _same(qs["D"], ks["D"]) or _differ(ks["K"], vs["K"]):
         raise _NoMatch("key and value do not agree in heads or length")
     if not (_same(heads, kv_heads) or (isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads == 0)):
         raise _NoMatch(f"{heads} query heads cannot share {kv_heads} key/value heads")

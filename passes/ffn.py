@@ -102,12 +102,17 @@ def chunked_ffn(x: torch.Tensor, *weights, kind: str, activation: str, token_dim
 
 # --------------------------------------------------------------------------------------------- analysis
 
-def symbolic_token_dim(node: fx.Node) -> int | None:
-    """The one dim of ``node``'s value whose size is symbolic (the captured sequence), else None."""
+def symbolic_token_dim(node: fx.Node, symbols: set | None = None) -> int | None:
+    """The one dim of ``node``'s value whose size is symbolic (the captured sequence), else None.
+
+    With ``symbols`` (sympy symbols of the sequence length), only sizes that mention one of them count,
+    so other dynamic dims (a dynamic batch) do not make the answer ambiguous.
+    """
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if not isinstance(val, torch.Tensor):
         return None
-    dims = [d for d, size in enumerate(val.shape) if isinstance(size, torch.SymInt)]
+    dims = [d for d, size in enumerate(val.shape) if isinstance(size, torch.SymInt)
+            and (symbols is None or size.node.expr.free_symbols & set(symbols))]
     return dims[0] if len(dims) == 1 else None
 
 

@@ -45,10 +45,8 @@ def live_nodes(graph: fx.Graph, g: nx.DiGraph | None = None) -> set[fx.Node]:
                     roots.append(n)
             except Exception:  # pragma: no cover - purity check needs an owning module
                 pass
-    live: set[fx.Node] = set(roots)
-    for r in roots:
-        live |= nx.ancestors(g, r)
-    return live
+    layers = nx.bfs_layers(g.reverse(copy=False), roots)
+    return {n for layer in layers for n in layer}
 
 
 def live_users(node: fx.Node, live: set[fx.Node]) -> list[fx.Node]:

@@ -331,7 +331,7 @@ class _Sharder:
         info = dict(node.meta.get("ringify_attention") or {})
         self.plan.attention.append(_info(node, mask=mask_kind, mask_ops=getattr(self.masks.get(mask), "ops", []),
                                          causal=bool(kwargs.get("causal")), **{k: v for k, v in info.items()
-                                                                               if k not in ("module", "source")}))
+                                                                               if k not in ("module", "source", "mask", "mask_ops", "causal")}))
         fill = kwargs.get("fill", float("-inf"))
         if mask_kind == "add":
             fill = float("-inf")

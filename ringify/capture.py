@@ -9,6 +9,7 @@ which is how the passes find the tokens in every tensor of the graph.
 from __future__ import annotations
 
 import inspect
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, seq_dim: int = 1)
             "for HuggingFace models pass use_cache=False."
         ) from err
     gm = program.module()
+    inline_no_grad_regions(gm)
     symbols: set = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder" and isinstance(node.meta.get("val"), torch.Tensor):
@@ -80,3 +82,44 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, seq_dim: int = 1)
             if val.dim() > seq_dim and isinstance(val.shape[seq_dim], torch.SymInt):
                 symbols |= val.shape[seq_dim].node.expr.free_symbols
     return Captured(gm, symbols, seq_len)
+
+
+def inline_no_grad_regions(gm: fx.GraphModule) -> None:
+    """Inline ``torch.no_grad()`` regions (``wrap_with_set_grad_enabled(False, ...)``) whose inputs need no grad.
+
+    HF models compute rotary tables under ``no_grad``; inlined, the passes see their ``arange`` and
+    compute the tables for this rank's positions only. Without inputs that need grad, the region means
+    the same thing inlined.
+    """
+    hop = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not hop or node.args[0] is not False:
+            continue
+        inputs = node.args[2:]
+        if any(getattr(i.meta.get("val"), "requires_grad", False) for i in inputs if isinstance(i, fx.Node)):
+            continue
+        body = getattr(gm, node.args[1].target)
+        env: dict[fx.Node, object] = {}
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        env.update(zip(placeholders, inputs))
+        results = None
+        with gm.graph.inserting_before(node):
+            for inner in body.graph.nodes:
+                if inner.op == "placeholder":
+                    continue
+                if inner.op == "output":
+                    results = inner.args[0]
+                    continue
+                if inner.op == "get_attr":
+                    raise UnsupportedModelError("a no_grad region with its own attributes is not supported")
+                env[inner] = gm.graph.node_copy(inner, lambda n: env[n])
+        outputs = [env[r] if isinstance(r, fx.Node) else r for r in results]
+        for user in list(node.users):
+            if user.target is operator.getitem:
+                user.replace_all_uses_with(outputs[user.args[1]])
+                gm.graph.erase_node(user)
+        if not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()

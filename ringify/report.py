@@ -78,21 +78,24 @@ def _layer_of(path: str) -> str:
     return match.group(1) if match else (path.rsplit(".", 1)[0] if "." in (path or "") else path or "")
 
 
+def _summary(match) -> dict:
+    summary = getattr(match, "summary", None)
+    summary = summary() if callable(summary) else dict(summary or {})
+    return {k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
 def build_report(model, attention, ffn, plan, *, world_size: int, seq_len: int, layout: str) -> Report:
     report = Report(type(model).__name__, world_size, seq_len, layout)
     by_node = {a["node"]: a for a in plan.attention}
     for match in attention:
-        entry = dict(getattr(match, "summary", None) or {})
-        entry.update({k: getattr(match, k) for k in ("kind", "gqa", "scale", "causal", "mask_kind", "module_path",
-                                                      "source") if hasattr(match, k)})
+        entry = _summary(match)
         output = getattr(match, "output", None)
         if output is not None and output.name in by_node:
             entry.update({k: v for k, v in by_node[output.name].items() if k in ("mask", "mask_ops", "causal")})
         path = entry.get("module_path", "")
         report.layers.setdefault(_layer_of(path), {}).setdefault("attention", []).append(entry)
     for match in ffn:
-        entry = dict(match.summary) if hasattr(match, "summary") else dict(getattr(match, "__dict__", {}))
-        entry = {k: v for k, v in entry.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        entry = _summary(match)
         path = entry.get("module_path", "")
         report.layers.setdefault(_layer_of(path), {}).setdefault("ffn", []).append(entry)
     report.reductions, report.positions, report.full_ops = plan.reductions, plan.positions, plan.full_ops
