@@ -1,0 +1,257 @@
+"""ringify(model) on real gloo rings against the untouched model: logits, loss, every parameter gradient.
+
+Each rank builds the same model (same seed), runs the untouched copy on the full inputs, then the
+ringified model, and compares. fp32, 1e-5 relative error, odd sequence lengths, 2 and 3 ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ringify import UnsupportedModelError, ringify
+from ringify.verify import relative_error
+
+VOCAB = 97
+
+
+# ----------------------------------------------------------------------------------------- models
+
+
+class NanoAttention(nn.Module):
+    """nanoGPT's attention: a registered tril buffer, hand-written softmax attention."""
+
+    def __init__(self, d, heads, max_len=64):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len)).view(1, 1, max_len, max_len))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.proj(y)
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, d=32, heads=4, layers=2, max_len=64):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(VOCAB, d), nn.Embedding(max_len, d)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(dict(ln1=nn.LayerNorm(d), attn=NanoAttention(d, heads, max_len), ln2=nn.LayerNorm(d),
+                               mlp=nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))))
+            for _ in range(layers)
+        )
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, VOCAB, bias=False)
+
+    def forward(self, idx, targets):
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for b in self.blocks:
+            x = x + b["attn"](b["ln1"](x))
+            x = x + b["mlp"](b["ln2"](x))
+        logits = self.head(self.ln_f(x))
+        loss = F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1), ignore_index=-100)
+        return logits, loss
+
+
+class EinsumEncoder(nn.Module):
+    """Bidirectional encoder: einsum attention with a key-padding mask, SwiGLU, masked mean loss."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.w1, self.w3, self.w2 = nn.Linear(d, 64, bias=False), nn.Linear(d, 64, bias=False), nn.Linear(64, d, bias=False)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x, keep, target):
+        B, S, D = x.shape
+        split = lambda t: t.view(B, S, self.heads, D // self.heads)  # noqa: E731
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (D // self.heads) ** -0.5
+        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+        y = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v).reshape(B, S, D)
+        h = self.norm(x + self.o(y))
+        h = h + self.w2(F.silu(self.w1(h)) * self.w3(h))
+        err = ((h - target) ** 2).mean(-1)
+        loss = (err * keep).sum() / keep.sum()
+        return h, loss
+
+
+def _hf(name):
+    import transformers as tf
+
+    if name.startswith("llama"):
+        cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                             attn_implementation=name.split("-")[1])
+        return tf.LlamaForCausalLM(cfg)
+    if name == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                            attn_implementation="eager", resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+        return tf.GPT2LMHeadModel(cfg)
+    if name == "bert":
+        cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0,
+                            attention_probs_dropout_prob=0, attn_implementation="eager")
+        return tf.BertForMaskedLM(cfg)
+    if name == "mistral-window":
+        cfg = tf.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                               sliding_window=4, attn_implementation="sdpa")
+        return tf.MistralForCausalLM(cfg)
+    raise KeyError(name)
+
+
+def build(name: str, seed: int, seq_len: int):
+    """(model, args, kwargs) with fresh random inputs; the same on every rank (same seed)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, VOCAB, (2, seq_len), generator=g)
+    labels = torch.randint(0, VOCAB, (2, seq_len), generator=g)
+    labels[0, : seq_len // 3] = -100
+    if name == "nanogpt":
+        return NanoGPT(), (ids, labels), {}
+    if name == "einsum":
+        keep = torch.rand(2, seq_len, generator=g) > 0.3
+        keep[:, 0] = True
+        x, target = torch.randn(2, seq_len, 32, generator=g), torch.randn(2, seq_len, 32, generator=g)
+        return EinsumEncoder(), (x, keep, target), {}
+    model = _hf(name)
+    kwargs = dict(input_ids=ids, labels=labels)
+    if name == "bert":
+        mask = torch.ones(2, seq_len, dtype=torch.long)
+        mask[1, seq_len - seq_len // 3:] = 0  # right padding in the second row
+        kwargs["attention_mask"] = mask
+    else:
+        kwargs["use_cache"] = False
+    return model, (), kwargs
+
+
+def _logits_and_loss(out):
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out.logits, out.loss
+
+
+def check_model(name: str, seed: int, seq_len: int, layout: str = "zigzag") -> dict:
+    model, args, kwargs = build(name, seed, seq_len)
+    reference = copy.deepcopy(model)
+    ref_logits, ref_loss = _logits_and_loss(reference(*args, **kwargs))
+    ref_loss.backward()
+
+    rm = ringify(model, layout=layout, ffn_chunk_tokens=4)
+    logits, loss = _logits_and_loss(rm(*args, **kwargs))
+    loss.backward()
+    errors = {"logits": relative_error(logits, ref_logits), "loss": relative_error(loss, ref_loss)}
+    ref_params = dict(reference.named_parameters())
+    scale = max(p.grad.norm().item() for p in reference.parameters() if p.grad is not None)
+    # gradients that are zero in exact arithmetic (a key bias under softmax) are float noise on both sides:
+    # compare those against the largest gradient instead of their own size
+    worst = max((((p.grad - ref_params[n].grad).norm() / max(ref_params[n].grad.norm(), 1e-3 * scale)).item(), n)
+                for n, p in model.named_parameters() if ref_params[n].grad is not None)
+    errors["grad"], errors["worst_param"] = worst
+    assert all(p.grad is not None for n, p in model.named_parameters() if ref_params[n].grad is not None)
+    assert max(errors["logits"], errors["loss"], errors["grad"]) < 1e-5, errors
+    return errors
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+QUICK = ["nanogpt", "einsum", "llama-sdpa"]
+SLOW = ["llama-eager", "gpt2", "bert", "mistral-window"]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("name", QUICK)
+def test_equivalent(ranks, seed, name, world_size):
+    ranks(world_size).run(check_model, name, seed, 8 * world_size + 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("name", SLOW)
+def test_equivalent_hf(ranks, seed, name, world_size):
+    ranks(world_size).run(check_model, name, seed, 8 * world_size + 3)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "striped"])
+def test_other_layouts(ranks, seed, layout):
+    ranks(2).run(check_model, "nanogpt", seed, 17, layout)
+
+
+def test_single_process(seed):
+    check_model("llama-sdpa", seed, 11)
+
+
+# ------------------------------------------------------------------------------------- refusals
+
+
+class _Mixer(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.lin = nn.Linear(16, 16)
+        self.conv = nn.Conv1d(16, 16, 4, padding=3, groups=16)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.kind == "cumsum":
+            h = h.cumsum(1)
+        elif self.kind == "conv":
+            h = self.conv(h.transpose(1, 2))[..., : x.size(1)].transpose(1, 2)
+        elif self.kind == "roll":
+            h = torch.roll(h, 1, dims=1)
+        elif self.kind == "sort":
+            h = h.sort(dim=1).values
+        elif self.kind == "topk":
+            h = h.topk(2, dim=1).values.sum(1, keepdim=True) + h
+        att = F.scaled_dot_product_attention(h[:, None], h[:, None], h[:, None], is_causal=True)[:, 0]
+        return att.sum()
+
+
+@pytest.mark.parametrize("kind", ["cumsum", "conv", "roll", "sort", "topk"])
+def test_refuses_token_mixing(seed, kind):
+    torch.manual_seed(seed)
+    rm = ringify(_Mixer(kind))
+    with pytest.raises(UnsupportedModelError) as err:
+        rm(torch.randn(2, 9, 16))
+    message = str(err.value)
+    assert "test_ringify.py" in message, message  # the source line of the op
+    assert "Hint" in message or "hint" in message, message
+
+
+def test_world_larger_than_sequence(ranks):
+    ranks(3).run(_too_short)
+
+
+def _too_short():
+    rm = ringify(NanoGPT())
+    ids = torch.randint(0, VOCAB, (1, 2))
+    with pytest.raises(ValueError, match="at least one token"):
+        rm(ids, ids)
+    return True
+
+
+def test_report_lists_layers(seed):
+    model, args, kwargs = build("llama-sdpa", seed, 9)
+    rm = ringify(model)
+    rm(*args, **kwargs)
+    report = rm.report()
+    text = report.to_markdown()
+    assert "model.layers.0" in text and "model.layers.1" in text, text
+    assert "ring" in text and "chunked" in text, text
+    assert '"layers"' in report.to_json()
