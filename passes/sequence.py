@@ -8,7 +8,8 @@ DTensor-style (one rule per op family, views included):
 - ``local``: token-local (elementwise, linear, norms over features, views that keep tokens whole):
   run it on this rank's shard;
 - ``reduce``: a reduction over tokens (sums, means, losses): local partial plus a sum over ranks;
-- ``positions``: ``arange`` over the sequence: becomes this rank's global positions;
+- ``positions``: ``arange`` over the sequence: becomes this rank's global positions; ``table``: a
+  slice of a fixed-size table up to the sequence length (``buffer[:, :S]``): becomes its rows at them;
 - ``mix``: anything else that mixes tokens (cumsum, shifts, convolution, sort, top-k, matmul over
   tokens...): only allowed on values computed from the inputs alone, which every rank holds in full.
 """
@@ -24,6 +25,7 @@ from torch import fx
 aten = torch.ops.aten
 
 LOCAL, REDUCE, POSITIONS, MIX, ATTENTION = "local", "reduce", "positions", "mix", "attention"
+TABLE = "table"  # rows 0..S of a fixed table (Bert's position_ids buffer): becomes the rows at this rank's positions
 
 # views and data movement that keep each token's data on its token (checked dim by dim below)
 _VIEWS = {
@@ -175,6 +177,9 @@ def classify(node: fx.Node, symbols: set) -> str:
     if op in (aten.slice, aten.narrow):
         dim = _dim_arg(node, 1, "dim", 0) % value(node.args[0]).dim()
         if dim not in token_dims(node.args[0], symbols):
+            if dim in token_dims(node, symbols):
+                step = _dim_arg(node, 4, "step", 1) if op is aten.slice else 1
+                return TABLE if step == 1 else MIX
             return LOCAL
         return LOCAL if op is aten.slice and _is_full_slice(node, dim) else MIX
     if op in (aten.select, aten.index_select, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind,

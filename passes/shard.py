@@ -29,7 +29,7 @@ from ..runtime import graph_calls
 from ..runtime.block_mask import register_block_mask
 from ..runtime.collectives import sync_grad
 from .masks import block_mask
-from .sequence import ATTENTION, LOCAL, MIX, POSITIONS, REDUCE, classify, has_tokens, packet, token_dims, value
+from .sequence import ATTENTION, LOCAL, MIX, POSITIONS, REDUCE, TABLE, classify, has_tokens, packet, token_dims, value
 from .where import describe, module_path, source_line
 
 aten = torch.ops.aten
@@ -143,12 +143,14 @@ class _Sharder:
                 self.compute_local.add(node)
                 self._demand_inputs(node, local=True)
                 continue
-            if fam == POSITIONS:
+            if fam in (POSITIONS, TABLE):
                 if wanted_full:
                     self.compute_full.add(node)
                 if wanted_local:
                     self.compute_local.add(node)
                 self._demand_args(node, full=True)  # the end/start SymInts: full sizes
+                if fam == TABLE:
+                    self.needed.add(node.args[0])
                 continue
             if fam == MIX:
                 self.compute_full.add(node)
@@ -295,6 +297,8 @@ class _Sharder:
             return self.emit_attention(node)
         if fam == POSITIONS:
             return self.emit_positions(node)
+        if fam == TABLE:
+            return self.emit_table(node)
         if fam == REDUCE:
             return self.emit_reduction(node)
         return self.copy(node, self.get_local)
@@ -312,6 +316,21 @@ class _Sharder:
         get = lambda a: self.get_full(a) if isinstance(a, fx.Node) else a  # noqa: E731
         return self.graph.call_function(
             graph_calls.local_arange, (get(end), get(start), step, self.group, self.layout, dtype, device)
+        )
+
+    def emit_table(self, node: fx.Node) -> fx.Node:
+        """``table[..., start:start+S]`` -> the table's rows at this rank's global positions (+ start)."""
+        table, dim = node.args[0], node.args[1] % value(node.args[0]).dim()
+        if packet(node) is aten.narrow:
+            start, length = node.args[2], self.get_full(node.args[3]) if isinstance(node.args[3], fx.Node) else node.args[3]
+        else:
+            start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+            length = value(node).shape[dim]
+            length = self.full_size(length) if isinstance(length, torch.SymInt) else length
+        get = lambda a: self.get_full(a) if isinstance(a, fx.Node) else a  # noqa: E731
+        self.plan.positions.append(_info(node, table=table.name))
+        return self.graph.call_function(
+            graph_calls.table_rows, (self.get_full(table), dim, get(start), length, self.group, self.layout)
         )
 
     def emit_attention(self, node: fx.Node) -> fx.Node:

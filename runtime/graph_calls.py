@@ -31,6 +31,12 @@ def local_arange(end, start, step, group: str, layout: str, dtype, device) -> to
     return out.to(dtype) if dtype is not None else out
 
 
+def table_rows(table: torch.Tensor, dim: int, start, length, group: str, layout: str) -> torch.Tensor:
+    """``table.narrow(dim, start, length)`` restricted to this rank's global positions."""
+    positions = local_positions(int(length), group, layout, table.device)
+    return table.index_select(dim, positions + int(start) if start else positions)
+
+
 def ring_attention_call(q, k, v, mask_args: list, *, mask_fn, scale: float, causal: bool, fill: float,
                         group: str, layout: str) -> torch.Tensor:
     """Canonical attention (``ringify.passes.attention.attention``) on this rank's shards, by the ring."""
@@ -100,5 +106,5 @@ def gather_output(x: torch.Tensor, dim: int, group: str, layout: str, seq_len) -
 
 __all__ = [
     "cross_entropy_over_ranks", "gather_output", "local_arange", "mean_over_ranks", "nll_over_ranks",
-    "pointwise_loss_over_ranks", "register_block_mask", "ring_attention_call", "shard_like", "sum_over_ranks",
+    "pointwise_loss_over_ranks", "register_block_mask", "ring_attention_call", "shard_like", "sum_over_ranks", "table_rows",
 ]
