@@ -298,7 +298,7 @@ def ring_attention_op(
 @ring_attention_op.register_fake
 def _(q, k, v, group, causal, scale, layout, timeout, mask, mask_args, fill):
     lse_shape = (2, *q.shape[:-1]) if _extended(mask, fill) else q.shape[:-1]
-    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("ringify::ring_attention_backward", mutates_args=())
@@ -313,7 +313,7 @@ def ring_attention_backward_op(
 
 @ring_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, group, causal, scale, layout, timeout, mask, mask_args, fill):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, like the real outputs
 
 
 def _setup_context(ctx, inputs, output):

@@ -255,3 +255,23 @@ def test_report_lists_layers(seed):
     assert "model.layers.0" in text and "model.layers.1" in text, text
     assert "ring" in text and "chunked" in text, text
     assert '"layers"' in report.to_json()
+
+
+def check_compiled(name: str, seed: int, seq_len: int) -> float:
+    model, args, kwargs = build(name, seed, seq_len)
+    reference = copy.deepcopy(model)
+    ref_logits, _ = _logits_and_loss(reference(*args, **kwargs))
+    rm = ringify(model)
+    rm(*args, **kwargs)  # capture and rewrite eagerly, then compile the rewritten graph
+    compiled = torch.compile(rm.graph_module, backend="aot_eager")
+    logits, loss = _logits_and_loss(compiled(*args, **kwargs))
+    loss.backward()
+    error = relative_error(logits, ref_logits)
+    assert error < 1e-5, error
+    assert all(p.grad is not None for p in model.parameters())
+    return error
+
+
+@pytest.mark.slow
+def test_rewritten_graph_compiles(ranks, seed):
+    ranks(2).run(check_compiled, "nanogpt", seed, 13)
