@@ -37,6 +37,7 @@ class RingModule(torch.nn.Module):
         self.layout, self.outputs, self.sync_grads = layout, outputs, sync_grads
         self.seq_dim, self.ffn_chunk_tokens, self.check_inputs = seq_dim, ffn_chunk_tokens, check_inputs
         self._graphs: dict[tuple, fx.GraphModule] = {}
+        self._callers: dict[tuple, object] = {}
         self._reports: dict[tuple, Report] = {}
         self._last: tuple | None = None
 
@@ -61,9 +62,9 @@ class RingModule(torch.nn.Module):
                                  "needs at least one token")
             if self.check_inputs:
                 _check_identical(args, kwargs, self.group)
-            self._graphs[key], self._reports[key] = self._rewrite(args, kwargs, seq_len)
+            self._graphs[key], self._reports[key], self._callers[key] = self._rewrite(args, kwargs, seq_len)
         self._last = key
-        return self._graphs[key](*args, **kwargs)
+        return self._callers[key](self._graphs[key], args, kwargs)
 
     def _rewrite(self, args, kwargs, seq_len: int):
         captured = capture(self.model, args, kwargs, self.seq_dim)
@@ -83,7 +84,7 @@ class RingModule(torch.nn.Module):
                                 world_size=self.world_size, outputs=self.outputs, sync_grads=self.sync_grads)
         report = build_report(self.model, attention, ffn, plan, world_size=self.world_size, seq_len=seq_len,
                               layout=self.layout)
-        return new, report
+        return new, report, captured
 
     def report(self) -> Report:
         """What was found, rewritten and refused in the last captured graph."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 from torch.export import Dim
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .errors import UnsupportedModelError
 
@@ -25,6 +25,36 @@ class Captured:
     graph_module: fx.GraphModule  # ``ExportedProgram.module()``: same parameters as the model
     symbols: set                  # sympy symbols of the sequence length
     seq_len: int
+    flat: bool = False            # captured through FlatCall: call with ``FlatCall.tensors(args, kwargs)``
+
+    def __call__(self, gm: fx.GraphModule, args, kwargs):
+        return gm(*FlatCall.tensors(args, kwargs)) if self.flat else gm(*args, **kwargs)
+
+
+class FlatCall(torch.nn.Module):
+    """``model`` called with its tensor inputs as positional args, the rest (flags, None) baked in.
+
+    Why: torch 2.13's ``export`` with ``dynamic_shapes`` fails (``Must provide a tree_name when there
+    might be a mismatch``) when a call passes anything through ``**kwargs`` (HF models take
+    ``return_dict`` there). Flattened, the spec is a plain tuple. Parameters stay the model's own.
+    """
+
+    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict):
+        super().__init__()
+        self.model = model
+        leaves, self.spec = tree_flatten((tuple(args), dict(kwargs)))
+        self.is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
+        self.consts = [None if t else x for t, x in zip(self.is_tensor, leaves)]
+
+    @staticmethod
+    def tensors(args, kwargs) -> tuple:
+        return tuple(x for x in tree_flatten((tuple(args), dict(kwargs)))[0] if isinstance(x, torch.Tensor))
+
+    def forward(self, *tensors):
+        it = iter(tensors)
+        leaves = [next(it) if t else c for t, c in zip(self.is_tensor, self.consts)]
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        return self.model(*args, **kwargs)
 
 
 def sequence_length(args, kwargs, seq_dim: int) -> int:
@@ -63,16 +93,26 @@ def _dynamic_shapes(model: torch.nn.Module, args, kwargs, seq_dim: int, seq_len:
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, seq_dim: int = 1) -> Captured:
     """Export ``model`` on these inputs with a symbolic sequence length."""
     seq_len = sequence_length(args, kwargs, seq_dim)
+    flat = False
     try:
         dynamic = _dynamic_shapes(model, args, kwargs, seq_dim, seq_len)
         program = torch.export.export(model, tuple(args), dict(kwargs), strict=False, dynamic_shapes=dynamic)
-    except Exception as err:  # export's own errors are long; keep the first lines and the kind
-        first = "\n".join(str(err).strip().splitlines()[:6])
-        raise UnsupportedModelError(
-            f"torch.export could not capture {type(model).__name__}: {type(err).__name__}: {first}\n"
-            "Hint: ringify needs a model that torch.export.export(model, args, kwargs, strict=False) can capture; "
-            "for HuggingFace models pass use_cache=False."
-        ) from err
+    except Exception as first_err:  # noqa: BLE001 - retry flattened (see FlatCall), then report the first error
+        try:
+            wrapper = FlatCall(model, args, kwargs)
+            tensors = FlatCall.tensors(args, kwargs)
+            spec = tuple({seq_dim: Dim.AUTO} if t.dim() > seq_dim and t.size(seq_dim) == seq_len else None
+                         for t in tensors)
+            program = torch.export.export(wrapper, tensors, strict=False, dynamic_shapes=(spec,))
+            flat = True
+        except Exception:  # noqa: BLE001
+            err = first_err
+            first = "\n".join(str(err).strip().splitlines()[:6])
+            raise UnsupportedModelError(
+                f"torch.export could not capture {type(model).__name__}: {type(err).__name__}: {first}\n"
+                "Hint: ringify needs a model that torch.export.export(model, args, kwargs, strict=False) can "
+                "capture; for HuggingFace models pass use_cache=False."
+            ) from err
     gm = program.module()
     inline_no_grad_regions(gm)
     symbols: set = set()
@@ -81,7 +121,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, seq_dim: int = 1)
             val = node.meta["val"]
             if val.dim() > seq_dim and isinstance(val.shape[seq_dim], torch.SymInt):
                 symbols |= val.shape[seq_dim].node.expr.free_symbols
-    return Captured(gm, symbols, seq_len)
+    return Captured(gm, symbols, seq_len, flat)
 
 
 def inline_no_grad_regions(gm: fx.GraphModule) -> None:

@@ -138,6 +138,8 @@ def build(name: str, seed: int, seq_len: int):
         kwargs["attention_mask"] = mask
     else:
         kwargs["use_cache"] = False
+        if name == "llama-sdpa":
+            kwargs["return_dict"] = True  # goes through **kwargs: export needs the flattened retry
     return model, (), kwargs
 
 
