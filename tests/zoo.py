@@ -1,0 +1,574 @@
+"""The model zoo: tiny versions of the models ringify must handle, and of those it must refuse.
+
+Every builder returns a ``ZooModel(name, model, make_inputs)``; ``make_inputs(seed, seq_len)`` draws
+FRESH random inputs ``(args, kwargs)`` (token ids, labels with some -100, padding masks with padded keys
+in some rows), never constant data: a sharding bug that drops, swaps or duplicates tokens must change
+the result. The kwargs carry what ``torch.export`` needs (``use_cache=False``, ``return_dict=True``).
+
+Models are float32, random weights from small configs (no download), dropout 0, ``eval()`` by default;
+every builder takes ``train=True`` for the same model in ``train()`` mode (dropout still 0, so the
+function is the same, but the graph is captured in training mode).
+
+``ZOO``: models that ringify must rewrite exactly. ``REFUSE``: models with a sequence-mixing op that is
+not attention (cumsum, causal conv, topk, sort, roll over the tokens of activations), each with a
+minimal attention block too; ringify must raise ``UnsupportedModelError`` for them.
+``BUILD_FAILURES``: relatives a user would try that do not build/run here (name -> reason). Without
+transformers, ``ZOO`` holds the hand-written models only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ringify.models import TinyGPT, tiny_gpt_inputs
+
+try:
+    import transformers
+except ImportError:  # the hand-written models still work
+    transformers = None
+
+VOCAB = 96
+BATCH = 2
+HIDDEN = 32
+HEADS = 4
+LAYERS = 2
+
+
+class LMOutput(NamedTuple):
+    """``.logits`` / ``.loss`` for the hand-written models (a NamedTuple: export flattens it)."""
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor]
+
+
+@dataclass
+class ZooModel:
+    name: str
+    model: nn.Module
+    make_inputs: Callable[[int, int], tuple[tuple, dict]]  # (seed, seq_len) -> (args, kwargs)
+
+
+def seq_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, seq_len: int, seq_dim: int = 1):
+    """``dynamic_shapes`` for ``torch.export``: ``Dim.AUTO`` on the sequence dim of every [B, S, ...] input."""
+    import inspect
+
+    from torch.export import Dim
+    from torch.utils._pytree import tree_map
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+
+    def spec(x):
+        if isinstance(x, torch.Tensor) and x.dim() > seq_dim and x.size(seq_dim) == seq_len:
+            return {seq_dim: Dim.AUTO}
+        return None
+
+    return {name: tree_map(spec, v) for name, v in bound.arguments.items()}
+
+
+class FlatCall(nn.Module):
+    """``model`` called with its tensor inputs as positional args, the rest (flags, None) baked in.
+
+    Why: torch 2.13's ``export`` with ``dynamic_shapes`` fails (``AssertionError: Must provide a
+    tree_name when there might be a mismatch``) when a call passes anything through ``**kwargs`` (HF
+    models take ``return_dict``, ``output_attentions``... there). Flattened, the dynamic-shapes spec is
+    a plain tuple. Parameters stay the model's own objects (names get a ``model.`` prefix).
+    """
+
+    def __init__(self, model: nn.Module, args: tuple, kwargs: dict):
+        super().__init__()
+        from torch.utils._pytree import tree_flatten
+
+        self.model = model
+        leaves, self.spec = tree_flatten((tuple(args), dict(kwargs)))
+        self.is_tensor = [isinstance(x, torch.Tensor) for x in leaves]
+        self.consts = [None if t else x for t, x in zip(self.is_tensor, leaves)]
+
+    @staticmethod
+    def tensors(args: tuple, kwargs: dict) -> tuple:
+        from torch.utils._pytree import tree_flatten
+
+        return tuple(x for x in tree_flatten((tuple(args), dict(kwargs)))[0] if isinstance(x, torch.Tensor))
+
+    def forward(self, *tensors):
+        from torch.utils._pytree import tree_unflatten
+
+        it = iter(tensors)
+        leaves = [next(it) if t else c for t, c in zip(self.is_tensor, self.consts)]
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        return self.model(*args, **kwargs)
+
+
+def export_seq_dynamic(model: nn.Module, args: tuple, kwargs: dict, seq_len: int, seq_dim: int = 1):
+    """``torch.export.export(strict=False)`` with the sequence dim of every [B, S, ...] input ``Dim.AUTO``.
+
+    Returns ``(exported_program, flat)``; ``flat`` is False when the model was exported directly
+    (call ``ep.module()(*args, **kwargs)``) and True when it went through ``FlatCall`` (call
+    ``ep.module()(*FlatCall.tensors(args, kwargs))``) because the direct export failed on ``**kwargs``.
+    """
+    from torch.export import Dim
+
+    try:
+        ds = seq_dynamic_shapes(model, args, kwargs, seq_len, seq_dim)
+        return torch.export.export(model, tuple(args), dict(kwargs), strict=False, dynamic_shapes=ds), False
+    except AssertionError as err:
+        if "tree_name" not in str(err):
+            raise
+    flat = FlatCall(model, args, kwargs)
+    tensors = FlatCall.tensors(args, kwargs)
+    ds = tuple({seq_dim: Dim.AUTO} if t.dim() > seq_dim and t.size(seq_dim) == seq_len else None for t in tensors)
+    return torch.export.export(flat, tensors, strict=False, dynamic_shapes=(ds,)), True
+
+
+# ------------------------------------------------------------------------------- random inputs
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _ids(g, seq_len, vocab=VOCAB, batch=BATCH):
+    return torch.randint(0, vocab, (batch, seq_len), generator=g)
+
+
+def _right_padding(g, seq_len, batch=BATCH):
+    """1 = real token, 0 = pad, padded at the end; row 0 always has >= 1 pad, others maybe."""
+    keep = torch.ones(batch, seq_len, dtype=torch.long)
+    for b in range(batch):
+        lo = max(1, seq_len // 2)
+        n_real = int(torch.randint(lo, max(lo + 1, seq_len if b == 0 else seq_len + 1), (1,), generator=g))
+        keep[b, n_real:] = 0
+    return keep
+
+
+def _scattered_padding(g, seq_len, batch=BATCH):
+    """1 = keep, 0 = pad, pads anywhere but position 0 (bidirectional models); every row has >= 1 pad."""
+    keep = (torch.rand(batch, seq_len, generator=g) > 0.3).long()
+    keep[:, 0] = 1
+    for b in range(batch):
+        if keep[b].all():
+            keep[b, int(torch.randint(1, seq_len, (1,), generator=g))] = 0
+    return keep
+
+
+def _causal_labels(g, seq_len, keep=None, vocab=VOCAB, batch=BATCH):
+    """Random next-token labels (HF shifts them inside): ~15% -100 (>= 1 per row), -100 on pads; label 1 real."""
+    labels = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    drop = torch.rand(batch, seq_len, generator=g) < 0.15
+    if seq_len > 2:  # >= 1 per row among the labels that count
+        drop[torch.arange(batch), torch.randint(2, seq_len, (batch,), generator=g)] = True
+    if keep is not None:
+        drop |= keep == 0
+    drop[:, 1] = False  # label 1 is predicted from token 0: always real
+    labels[drop] = -100
+    return labels
+
+
+# ------------------------------------------------------------------------------- HuggingFace
+
+
+def _hf(model_cls, config_cls, train, **cfg):
+    """Build a transformers model class from its config class, seeded, float32, in the requested mode."""
+    if transformers is None:
+        raise ImportError("transformers is not installed")
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**cfg)
+    model = getattr(transformers, model_cls)(config).float()
+    return model.train(train)
+
+
+def _decoder_cfg(**over):
+    cfg = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+               num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=256,
+               attention_dropout=0.0, attn_implementation="sdpa")
+    cfg.update(over)
+    return cfg
+
+
+def _causal_lm_inputs(seed, seq_len, padded=False):
+    g = _gen(seed)
+    ids = _ids(g, seq_len)
+    kw = dict(input_ids=ids, use_cache=False, return_dict=True)
+    keep = None
+    if padded:
+        keep = _right_padding(g, seq_len)
+        kw["attention_mask"] = keep
+    kw["labels"] = _causal_labels(g, seq_len, keep)
+    return (), kw
+
+
+def _packed_inputs(seed, seq_len):
+    """Several documents per row: ``position_ids`` restart at each boundary (no attention_mask)."""
+    g = _gen(seed)
+    pos = torch.empty(BATCH, seq_len, dtype=torch.long)
+    for b in range(BATCH):
+        n_docs = min(int(torch.randint(2, 4, (1,), generator=g)), max(1, seq_len // 2))
+        cuts = sorted(torch.randperm(seq_len - 1, generator=g)[: n_docs - 1].add(1).tolist())
+        start = 0
+        for end in cuts + [seq_len]:
+            pos[b, start:end] = torch.arange(end - start)
+            start = end
+    labels = _causal_labels(g, seq_len)
+    labels[pos == 0] = -100  # the first token of a document is not predicted from the previous document
+    for b in range(BATCH):  # keep >= 1 real label per row: the first token that continues a document
+        cont = (pos[b, 1:] != 0).nonzero()
+        if len(cont):
+            labels[b, int(cont[0]) + 1] = int(torch.randint(0, VOCAB, (1,), generator=g))
+    return (), dict(input_ids=_ids(g, seq_len), position_ids=pos, labels=labels, use_cache=False, return_dict=True)
+
+
+def llama(impl: str = "sdpa", train: bool = False, padded: bool = False) -> ZooModel:
+    """LlamaForCausalLM: GQA (2 kv heads of 4), RoPE, RMSNorm, SwiGLU, labels -> loss."""
+    model = _hf("LlamaForCausalLM", "LlamaConfig", train, **_decoder_cfg(attn_implementation=impl))
+    name = f"llama_{impl}" + ("_padded" if padded else "")
+    return ZooModel(name, model, partial(_causal_lm_inputs, padded=padded))
+
+
+def llama_packed(train: bool = False) -> ZooModel:
+    """Llama with packed documents: position_ids restart at boundaries, HF builds a per-document mask."""
+    model = _hf("LlamaForCausalLM", "LlamaConfig", train, **_decoder_cfg())
+    return ZooModel("llama_packed", model, _packed_inputs)
+
+
+def mistral(train: bool = False) -> ZooModel:
+    """MistralForCausalLM with a sliding window (4) shorter than the sequence."""
+    model = _hf("MistralForCausalLM", "MistralConfig", train, **_decoder_cfg(sliding_window=4))
+    return ZooModel("mistral_swa", model, _causal_lm_inputs)
+
+
+def qwen2(train: bool = False) -> ZooModel:
+    """Qwen2ForCausalLM: GQA, q/k/v biases."""
+    model = _hf("Qwen2ForCausalLM", "Qwen2Config", train, **_decoder_cfg())
+    return ZooModel("qwen2", model, _causal_lm_inputs)
+
+
+def qwen3(train: bool = False) -> ZooModel:
+    """Qwen3ForCausalLM: GQA, per-head q/k RMSNorm before RoPE, explicit head_dim."""
+    model = _hf("Qwen3ForCausalLM", "Qwen3Config", train, **_decoder_cfg(head_dim=HIDDEN // HEADS))
+    return ZooModel("qwen3", model, _causal_lm_inputs)
+
+
+def gpt_neox(train: bool = False) -> ZooModel:
+    """GPTNeoXForCausalLM: partial rotary (half of each head), parallel residual, fused qkv."""
+    cfg = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+               num_attention_heads=HEADS, rotary_pct=0.5, max_position_embeddings=256, attention_dropout=0.0,
+               hidden_dropout=0.0, attn_implementation="sdpa")
+    model = _hf("GPTNeoXForCausalLM", "GPTNeoXConfig", train, **cfg)
+    return ZooModel("gpt_neox_partial_rotary", model, _causal_lm_inputs)
+
+
+def phi(train: bool = False) -> ZooModel:
+    """PhiForCausalLM: partial_rotary_factor 0.5, parallel attention/MLP, GELU MLP."""
+    cfg = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+               num_attention_heads=HEADS, num_key_value_heads=HEADS, partial_rotary_factor=0.5,
+               max_position_embeddings=256, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+               attn_implementation="sdpa")
+    model = _hf("PhiForCausalLM", "PhiConfig", train, **cfg)
+    return ZooModel("phi_partial_rotary", model, _causal_lm_inputs)
+
+
+def stablelm(train: bool = False) -> ZooModel:
+    """StableLmForCausalLM: partial_rotary_factor 0.25, LayerNorm, GQA."""
+    model = _hf("StableLmForCausalLM", "StableLmConfig", train,
+                **_decoder_cfg(partial_rotary_factor=0.25, hidden_dropout=0.0))
+    return ZooModel("stablelm_partial_rotary", model, _causal_lm_inputs)
+
+
+def gemma(train: bool = False) -> ZooModel:
+    """GemmaForCausalLM: embeddings scaled by sqrt(hidden), GeGLU (gelu tanh) MLP, (1 + w) RMSNorm."""
+    model = _hf("GemmaForCausalLM", "GemmaConfig", train, **_decoder_cfg(head_dim=HIDDEN // HEADS))
+    return ZooModel("gemma", model, _causal_lm_inputs)
+
+
+def gemma2(train: bool = False) -> ZooModel:
+    """Gemma2ForCausalLM (eager): tanh soft-capped attention scores and logits, alternating sliding window 4."""
+    model = _hf("Gemma2ForCausalLM", "Gemma2Config", train,
+                **_decoder_cfg(head_dim=HIDDEN // HEADS, sliding_window=4, attn_implementation="eager"))
+    return ZooModel("gemma2_softcap_swa", model, _causal_lm_inputs)
+
+
+def gemma3(train: bool = False) -> ZooModel:
+    """Gemma3ForCausalLM (text): q/k RMSNorm, a local RoPE base for sliding layers, sliding + full layers."""
+    model = _hf("Gemma3ForCausalLM", "Gemma3TextConfig", train,
+                **_decoder_cfg(head_dim=HIDDEN // HEADS, sliding_window=4,
+                               layer_types=["sliding_attention", "full_attention"]))
+    return ZooModel("gemma3", model, _causal_lm_inputs)
+
+
+def gpt2(train: bool = False) -> ZooModel:
+    """GPT2LMHeadModel (eager): learned positions, Conv1D projections, tied head."""
+    if transformers is None:
+        raise ImportError("transformers is not installed")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=256,
+                                  bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(cfg).train(train)
+    return ZooModel("gpt2_eager", model, _causal_lm_inputs)
+
+
+def _bert_inputs(seed, seq_len):
+    g = _gen(seed)
+    keep = _scattered_padding(g, seq_len)
+    labels = torch.full((BATCH, seq_len), -100, dtype=torch.long)
+    chosen = (torch.rand(BATCH, seq_len, generator=g) < 0.4) & (keep == 1)
+    chosen[:, 0] = True
+    labels[chosen] = torch.randint(0, VOCAB, (int(chosen.sum()),), generator=g)
+    return (), dict(input_ids=_ids(g, seq_len), attention_mask=keep, labels=labels, return_dict=True)
+
+
+def bert(train: bool = False) -> ZooModel:
+    """BertForMaskedLM (eager): bidirectional, padding attention_mask (1 keep, 0 pad), MLM labels."""
+    if transformers is None:
+        raise ImportError("transformers is not installed")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                  num_attention_heads=HEADS, intermediate_size=2 * HIDDEN, max_position_embeddings=256,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                  attn_implementation="eager")
+    model = transformers.BertForMaskedLM(cfg).train(train)
+    return ZooModel("bert_mlm_padded", model, _bert_inputs)
+
+
+# ------------------------------------------------------------------------------- hand-written
+
+
+def tiny_gpt(train: bool = False) -> ZooModel:
+    """``ringify.models.TinyGPT``: the demo model (nanoGPT, tril buffer, learned positions, tied head)."""
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=VOCAB, d_model=HIDDEN, n_head=HEADS, n_layer=LAYERS, max_len=256).train(train)
+
+    def make_inputs(seed, seq_len):
+        return (), tiny_gpt_inputs(seed, BATCH, seq_len, VOCAB)
+
+    return ZooModel("tiny_gpt", model, make_inputs)
+
+
+class RMSNorm(nn.Module):
+    """Hand-written RMSNorm, as LLaMA-style code spells it."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class EinsumBlock(nn.Module):
+    """Bidirectional attention in einsum spelling with a [B, S] key-padding mask, then SwiGLU."""
+
+    def __init__(self, d, heads, ffn):
+        super().__init__()
+        self.heads, self.scale = heads, 1.0 / math.sqrt(d // heads)
+        self.norm1, self.norm2 = RMSNorm(d), RMSNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.w1, self.w3 = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x, pad):
+        B, S, D = x.shape
+        h = self.norm1(x)
+        q, k, v = (lin(h).view(B, S, self.heads, D // self.heads) for lin in (self.q, self.k, self.v))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
+        scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1)
+        y = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(B, S, D)
+        x = x + self.o(y)
+        h = self.norm2(x)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+class EinsumEncoder(nn.Module):
+    """A hand-written regression encoder: float features in, per-token predictions out.
+
+    ``forward(x [B,S,F], key_padding_mask [B,S] bool (True = pad), target [B,S,O])``; the loss is the
+    per-token MSE averaged over real tokens only (a masked mean: a reduction over the sequence).
+    """
+
+    def __init__(self, feat=16, d=HIDDEN, heads=HEADS, layers=LAYERS, out=8):
+        super().__init__()
+        self.inp = nn.Linear(feat, d)
+        self.blocks = nn.ModuleList(EinsumBlock(d, heads, 2 * d) for _ in range(layers))
+        self.norm = RMSNorm(d)
+        self.head = nn.Linear(d, out)
+
+    def forward(self, x, key_padding_mask, target=None):
+        h = self.inp(x)
+        for blk in self.blocks:
+            h = blk(h, key_padding_mask)
+        pred = self.head(self.norm(h))
+        loss = None
+        if target is not None:
+            real = (~key_padding_mask).to(pred.dtype)
+            per_token = (pred - target).pow(2).mean(-1)
+            loss = (per_token * real).sum() / real.sum()
+        return LMOutput(pred, loss)
+
+
+def einsum_encoder(train: bool = False) -> ZooModel:
+    torch.manual_seed(0)
+    model = EinsumEncoder().train(train)
+
+    def make_inputs(seed, seq_len):
+        g = _gen(seed)
+        x = torch.randn(BATCH, seq_len, 16, generator=g)
+        pad = _scattered_padding(g, seq_len) == 0
+        target = torch.randn(BATCH, seq_len, 8, generator=g)
+        return (x, pad, target), {}
+
+    return ZooModel("einsum_encoder", model, make_inputs)
+
+
+# ------------------------------------------------------------------------------- must be refused
+
+
+class _CausalSDPABlock(nn.Module):
+    """The minimal attention block every REFUSE model also has (so the refusal is about the mixer)."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(d)
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.o(y.transpose(1, 2).reshape(B, S, D))
+
+
+class CumsumMixer(nn.Module):
+    """Running sum over tokens of the hidden states (linear-attention / prefix-sum style)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.proj(torch.cumsum(x, dim=1)) * 0.1
+
+
+class CausalConvMixer(nn.Module):
+    """Mamba-style causal depthwise Conv1d over the sequence: kernel 4, padding 3, keep the first S."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.conv = nn.Conv1d(d, d, kernel_size=4, groups=d, padding=3)
+
+    def forward(self, x):
+        S = x.size(1)
+        return x + self.conv(x.transpose(1, 2))[..., :S].transpose(1, 2)
+
+
+class TopkMixer(nn.Module):
+    """A router: topk over the sequence of per-token scores, the chosen tokens summarised into every token.
+
+    Needs seq_len >= k (4); export records that as the range [4, inf) of the sequence symbol.
+    """
+
+    def __init__(self, d, k=4):
+        super().__init__()
+        self.k = k
+        self.score = nn.Linear(d, 1)
+
+    def forward(self, x):
+        scores = self.score(x).squeeze(-1)                          # [B, S]
+        vals, idx = torch.topk(scores, self.k, dim=1)               # over the sequence
+        chosen = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.size(-1)))
+        summary = (chosen * vals.softmax(-1)[..., None]).sum(1, keepdim=True)
+        return x + summary
+
+
+class SortMixer(nn.Module):
+    """torch.sort of hidden states along the sequence."""
+
+    def forward(self, x):
+        return x + 0.1 * torch.sort(x, dim=1).values
+
+
+class RollMixer(nn.Module):
+    """torch.roll along the sequence: token t sees token t-1 (wrapping around)."""
+
+    def forward(self, x):
+        return x + 0.5 * torch.roll(x, shifts=1, dims=1)
+
+
+class MixerLM(nn.Module):
+    """Embedding + learned positions -> causal SDPA block -> mixer -> head, CE loss with ignore_index."""
+
+    def __init__(self, mixer: nn.Module, d=HIDDEN, heads=HEADS, max_len=256):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(VOCAB, d), nn.Embedding(max_len, d)
+        self.attn = _CausalSDPABlock(d, heads)
+        self.mixer = mixer
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, VOCAB, bias=False)
+
+    def forward(self, idx, targets=None):
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.attn(self.wte(idx) + self.wpe(pos))
+        logits = self.head(self.norm(self.mixer(x)))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return LMOutput(logits, loss)
+
+
+def _mixer_lm(name: str, make_mixer: Callable[[], nn.Module], train: bool = False) -> ZooModel:
+    torch.manual_seed(0)
+    model = MixerLM(make_mixer()).train(train)
+
+    def make_inputs(seed, seq_len):
+        return (), tiny_gpt_inputs(seed, BATCH, seq_len, VOCAB)
+
+    return ZooModel(name, model, make_inputs)
+
+
+# ------------------------------------------------------------------------------- registries
+
+_ZOO_CANDIDATES: dict[str, Callable[..., ZooModel]] = {
+    "tiny_gpt": tiny_gpt,
+    "einsum_encoder": einsum_encoder,
+    "llama_sdpa": partial(llama, "sdpa"),
+    "llama_eager": partial(llama, "eager"),
+    "llama_sdpa_padded": partial(llama, "sdpa", padded=True),
+    "llama_packed": llama_packed,
+    "gpt2_eager": gpt2,
+    "bert_mlm_padded": bert,
+    "mistral_swa": mistral,
+    "qwen2": qwen2,
+    "qwen3": qwen3,
+    "gpt_neox_partial_rotary": gpt_neox,
+    "phi_partial_rotary": phi,
+    "stablelm_partial_rotary": stablelm,
+    "gemma": gemma,
+    "gemma2_softcap_swa": gemma2,
+    "gemma3": gemma3,
+}
+
+REFUSE: dict[str, Callable[..., ZooModel]] = {
+    "cumsum": partial(_mixer_lm, "cumsum", lambda: CumsumMixer(HIDDEN)),
+    "causal_conv1d": partial(_mixer_lm, "causal_conv1d", lambda: CausalConvMixer(HIDDEN)),
+    "topk": partial(_mixer_lm, "topk", lambda: TopkMixer(HIDDEN)),
+    "sort": partial(_mixer_lm, "sort", SortMixer),
+    "roll": partial(_mixer_lm, "roll", RollMixer),
+}
+
+
+# Relatives tried that do not build or run here, name -> why (transformers 5.23, torch 2.13 CPU): none so far.
+BUILD_FAILURES: dict[str, str] = {}
+
+_HF = {"llama_sdpa", "llama_eager", "llama_sdpa_padded", "llama_packed", "gpt2_eager", "bert_mlm_padded",
+       "mistral_swa", "qwen2", "qwen3", "gpt_neox_partial_rotary", "phi_partial_rotary", "stablelm_partial_rotary",
+       "gemma", "gemma2_softcap_swa", "gemma3"}
+ZOO: dict[str, Callable[..., ZooModel]] = {
+    name: b for name, b in _ZOO_CANDIDATES.items() if transformers is not None or name not in _HF
+}
