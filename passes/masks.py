@@ -17,7 +17,6 @@ values (nodes of the captured graph) it reads; ring attention calls it once per 
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -252,5 +251,3 @@ def block_mask(mask: fx.Node, symbols: set) -> BlockMask:
     fn = fx.GraphModule(torch.nn.Module(), builder.graph, class_name="BlockMaskFn")
     return BlockMask(fn, list(builder.leaves), mask, builder.ops)
 
-
-del operator

@@ -34,15 +34,6 @@ _VIEWS = {
     aten.unflatten, aten.view_as, aten.expand_as, aten.reshape_as, aten._to_copy, aten.to, aten.type_as,
     aten.lift_fresh_copy,
 }
-_FEATURE_OPS = {  # per-token given the token dim is not the one they work along
-    aten.linear, aten.embedding, aten.layer_norm, aten.native_layer_norm, aten.rms_norm, aten.group_norm,
-    aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.dropout, aten.native_dropout,
-    aten.feature_dropout, aten.alpha_dropout, aten.matmul, aten.mm, aten.bmm, aten.addmm, aten.baddbmm,
-    aten.slice, aten.select, aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.narrow,
-    aten.cat, aten.stack, aten.index_select, aten.einsum, aten.gelu, aten.silu, aten.relu, aten.tanh,
-    aten.sigmoid, aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.var_mean, aten.std, aten.norm,
-    aten.linalg_vector_norm, aten.rsqrt, aten.pad, aten.constant_pad_nd, aten.repeat, aten.repeat_interleave,
-}
 _FACTORIES = {
     aten.ones, aten.zeros, aten.full, aten.empty, aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty,
     aten.ones_like, aten.zeros_like, aten.full_like, aten.empty_like, aten.scalar_tensor, aten.empty_strided,
@@ -130,7 +121,6 @@ def _tokens_along(node: fx.Node, dims: set[int], symbols: set, arg: int = 0) -> 
 def classify(node: fx.Node, symbols: set) -> str:
     """The family of a call_function node that touches token dims (see the module docstring)."""
     op = packet(node)
-    inputs = [a for a in node.all_input_nodes if has_tokens(a, symbols)]
     if op in _ASSERTS or op is getattr(torch.ops.higher_order, "_guards_fn", None):
         return LOCAL
     if isinstance(node.target, type(operator.add)) or node.target in (operator.getitem,) or op is aten.sym_size:
@@ -194,7 +184,6 @@ def classify(node: fx.Node, symbols: set) -> str:
         return LOCAL
     if op is aten.einsum:
         return _classify_einsum(node, symbols)
-    del inputs
     return MIX
 
 
@@ -212,7 +201,7 @@ def _view_keeps_tokens(node: fx.Node, symbols: set) -> bool:
         return True
     op = packet(node)
     if op in (aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten):
-        inner = [d for d in token_dims(x, symbols)]
+        inner = token_dims(x, symbols)
         if not inner:
             return True
         shape = value(x).shape
@@ -224,9 +213,7 @@ def _view_keeps_tokens(node: fx.Node, symbols: set) -> bool:
         after_in = _numel(shape[inner[-1] + 1:])
         after_out = _numel(out_shape[out_tokens[-1] + 1:])
         return after_in == after_out
-    if op is aten.expand:
-        return True
-    return True
+    return True  # transpose, permute, unsqueeze, expand...: tokens move, never mix
 
 
 def _numel(shape) -> object:

@@ -148,7 +148,7 @@ class _Sharder:
                     self.compute_full.add(node)
                 if wanted_local:
                     self.compute_local.add(node)
-                self._demand_args(node, full=True)  # the end/start SymInts: full sizes
+                self._demand_args(node)  # the end/start SymInts: full sizes
                 if fam == TABLE:
                     self.needed.add(node.args[0])
                 continue
@@ -164,7 +164,8 @@ class _Sharder:
                 self.compute_local.add(node)
                 self._demand_inputs(node, local=True)
 
-    def _demand_args(self, node: fx.Node, full: bool) -> None:
+    def _demand_args(self, node: fx.Node) -> None:
+        """Every input with tokens is needed full (sizes and tables read at full length)."""
         for arg in node.all_input_nodes:
             self.needed.add(arg)
             if self.tokens(arg):
@@ -406,7 +407,7 @@ class _Sharder:
             self.plan.outputs.append(_info(arg, gathered_dim=dims[0]))
             return self.graph.call_function(graph_calls.gather_output, (local, dims[0], self.group, self.layout, seq_len))
 
-        self.graph.output(torch.fx.node.map_arg(node.args[0], out) if False else _map(node.args[0], out))
+        self.graph.output(_map(node.args[0], out))
 
     def full_size(self, size) -> fx.Node:
         """A node of the new graph giving the full length of the sequence symbol ``size``."""
@@ -486,4 +487,4 @@ def shard_graph(gm: fx.GraphModule, symbols: set, *, group: str, layout: str, wo
     return new, sharder.plan
 
 
-__all__ = ["ShardPlan", "shard_graph", "LOCAL"]
+__all__ = ["ShardPlan", "shard_graph"]

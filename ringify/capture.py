@@ -79,15 +79,16 @@ def signature(args, kwargs, training: bool) -> tuple:
     return (str(spec), tuple(parts), training, torch.is_grad_enabled())
 
 
+def _sequence_spec(x, seq_dim: int, seq_len: int):
+    """``Dim.AUTO`` on the sequence dim of a tensor input that has it; None (static) otherwise."""
+    if isinstance(x, torch.Tensor) and x.dim() > seq_dim and x.size(seq_dim) == seq_len:
+        return {seq_dim: Dim.AUTO}
+    return None
+
+
 def _dynamic_shapes(model: torch.nn.Module, args, kwargs, seq_dim: int, seq_len: int):
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
-
-    def spec(x):
-        if isinstance(x, torch.Tensor) and x.dim() > seq_dim and x.size(seq_dim) == seq_len:
-            return {seq_dim: Dim.AUTO}
-        return None
-
-    return {name: tree_map(spec, v) for name, v in bound.arguments.items()}
+    return {name: tree_map(lambda x: _sequence_spec(x, seq_dim, seq_len), v) for name, v in bound.arguments.items()}
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, seq_dim: int = 1) -> Captured:
@@ -101,8 +102,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, seq_dim: int = 1)
         try:
             wrapper = FlatCall(model, args, kwargs)
             tensors = FlatCall.tensors(args, kwargs)
-            spec = tuple({seq_dim: Dim.AUTO} if t.dim() > seq_dim and t.size(seq_dim) == seq_len else None
-                         for t in tensors)
+            spec = tuple(_sequence_spec(t, seq_dim, seq_len) for t in tensors)
             program = torch.export.export(wrapper, tensors, strict=False, dynamic_shapes=(spec,))
             flat = True
         except Exception:  # noqa: BLE001

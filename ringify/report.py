@@ -98,6 +98,6 @@ def build_report(model, attention, ffn, plan, *, world_size: int, seq_len: int, 
         entry = _summary(match)
         path = entry.get("module_path", "")
         report.layers.setdefault(_layer_of(path), {}).setdefault("ffn", []).append(entry)
-    report.reductions, report.positions, report.full_ops = plan.reductions, plan.positions, plan.full_ops
-    report.shards, report.outputs, report.synced_parameters = plan.shards, plan.outputs, plan.synced_parameters
+    for f in dataclasses.fields(plan):  # the rewrite's own record: reductions, positions, shards, outputs...
+        setattr(report, f.name, getattr(plan, f.name))
     return report

@@ -89,10 +89,11 @@ def nll_over_ranks(logp, target, weight=None, reduction: int = 1, ignore_index: 
     return total / all_reduce_sum(count.to(total.dtype).detach(), group)
 
 
-def pointwise_loss_over_ranks(kind: str, input, target, reduction: int = 1, *extra, group: str):
-    """mse / l1 / smooth-l1 / BCE-with-logits over the whole sequence."""
-    fn = {"mse_loss": F.mse_loss, "l1_loss": F.l1_loss, "smooth_l1_loss": F.smooth_l1_loss}[kind]
-    total = all_reduce_sum(fn(input, target, reduction="sum", *extra), group)
+def pointwise_loss_over_ranks(kind: str, input, target, reduction: int = 1, beta: float = 1.0, *, group: str):
+    """mse / l1 / smooth-l1 over the whole sequence (``beta``: smooth-l1's, as aten passes it)."""
+    fn = {"mse_loss": F.mse_loss, "l1_loss": F.l1_loss,
+          "smooth_l1_loss": lambda i, t, reduction: F.smooth_l1_loss(i, t, reduction=reduction, beta=beta)}[kind]
+    total = all_reduce_sum(fn(input, target, reduction="sum"), group)
     if reduction == 2:
         return total
     count = all_reduce_sum(torch.tensor(float(input.numel()), dtype=torch.float64, device=input.device), group)
