@@ -190,6 +190,11 @@ def test_equivalent_hf(ranks, seed, name, world_size):
     ranks(world_size).run(check_model, name, seed, 8 * world_size + 3)
 
 
+@pytest.mark.parametrize("name", ["nanogpt", "llama-sdpa"])
+def test_equivalent_four_ranks(ranks, seed, name):
+    ranks(4).run(check_model, name, seed, 4 * 5 + 3)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "striped"])
 def test_other_layouts(ranks, seed, layout):
     ranks(2).run(check_model, "nanogpt", seed, 17, layout)
