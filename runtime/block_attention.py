@@ -9,8 +9,10 @@ kernels share one contract:
 - GQA/MQA: query head h reads key/value head ``h // (H // H_kv)``. Queries are folded to
   ``[B, H_kv, G*L, D]`` so the key/value heads are never repeated in memory.
 
-Work is split along contiguous runs of positions (one run for ``contiguous``, two for ``zigzag``), so
-causal pairs of runs that are fully masked are skipped and fully visible ones need no mask.
+Work is split along contiguous runs of positions (one run for ``contiguous``, two for ``zigzag``) and
+each run into tiles of at most ``TILE`` positions, for queries and keys alike: the fp32 score tile of a
+piece is at most ``[B, H, TILE, TILE]`` whatever the block length (a single rank never builds an S x S
+matrix), causal tiles that are fully masked are skipped and fully visible ones need no mask.
 
 Block masks (``mask_fn``, see :mod:`.block_mask`) and a finite ``fill`` use the *extended* state: the
 running ``lse`` is then a two-part fp32 tensor ``[2, B, H, Lq]`` holding the row maximum of the scores
@@ -28,36 +30,44 @@ import torch
 
 from .layout import contiguous_runs
 
-_MAX_RUN_PAIRS = 16  # beyond this (striped layouts), one masked matmul beats many tiny ones
+_MAX_RUN_PAIRS = 16  # beyond this (striped layouts), runs are ignored and tiles are masked
+TILE = 256
+"""Query rows and key columns per piece. A score tile is then 256 KiB of fp32 per (batch, head), so the
+few alive at once (scores, dP) cost O(TILE^2), not O(S^2), while a 256-row matmul still dwarfs the ~20
+torch calls of a piece; on CPU 256 beat 128 and 512 (fwd + bwd of one 2048-token causal block)."""
+
+
+def _tiles(runs, size: int):
+    """Cut (start, length) runs into consecutive pieces of at most ``size``."""
+    for start, length in runs:
+        for s in range(start, start + length, size):
+            yield s, min(size, start + length - s)
 
 
 def _plan(q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, skip_hidden: bool = True):
-    """Yield (q_start, q_len, k_start, k_len, mask) for the pieces that have visible keys.
+    """Yield (q_start, q_len, k_start, k_len, mask) for the tiles that have visible keys.
 
     ``mask`` is None (every key visible) or a bool ``[q_len, k_len]`` causal keep-mask. With
-    ``skip_hidden=False`` (finite fill: hidden keys still count) pieces with no visible key are yielded
-    too, with ``mask=False``.
+    ``skip_hidden=False`` (finite fill: hidden keys still count) tiles with no visible key are yielded
+    too, with ``mask=False``. Positions are sorted, so a tile's first and last positions bound it.
     """
     q_cpu, k_cpu = q_pos.cpu(), k_pos.cpu()
-    q_runs, k_runs = contiguous_runs(q_cpu), contiguous_runs(k_cpu)
-    if not causal:
-        yield 0, len(q_cpu), 0, len(k_cpu), None
-        return
-    if len(q_runs) * len(k_runs) > _MAX_RUN_PAIRS:
-        q_runs, k_runs = [(0, len(q_cpu))], [(0, len(k_cpu))]
-    for qs, ql in q_runs:
+    q_runs, k_runs = [(0, len(q_cpu))], [(0, len(k_cpu))]
+    if causal:
+        runs = contiguous_runs(q_cpu), contiguous_runs(k_cpu)
+        if len(runs[0]) * len(runs[1]) <= _MAX_RUN_PAIRS:
+            q_runs, k_runs = runs
+    for qs, ql in _tiles(q_runs, TILE):
         q_first, q_last = int(q_cpu[qs]), int(q_cpu[qs + ql - 1])
-        for ks, kl in k_runs:
+        for ks, kl in _tiles(k_runs, TILE):
             k_first, k_last = int(k_cpu[ks]), int(k_cpu[ks + kl - 1])
-            if k_first > q_last:
-                if not skip_hidden:
-                    yield qs, ql, ks, kl, False
-                continue  # every key comes after every query: nothing to compute
-            if k_last <= q_first:
+            if not causal or k_last <= q_first:
                 yield qs, ql, ks, kl, None  # every key visible
-                continue
-            mask = k_pos[ks : ks + kl].unsqueeze(0) <= q_pos[qs : qs + ql].unsqueeze(1)
-            yield qs, ql, ks, kl, mask
+            elif k_first > q_last:
+                if not skip_hidden:
+                    yield qs, ql, ks, kl, False  # every key comes after every query
+            else:
+                yield qs, ql, ks, kl, k_pos[ks : ks + kl].unsqueeze(0) <= q_pos[qs : qs + ql].unsqueeze(1)
 
 
 def _fold(x: torch.Tensor, kv_heads: int, start: int, length: int) -> torch.Tensor:
@@ -102,7 +112,7 @@ def torch_block_forward(q, k, v, out, lse, q_pos, k_pos, *, scale: float, causal
         v_blk = v[:, :, ks : ks + kl].float()
         s = _scores(q_f, k_blk, scale, mask, group)
         blk_lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - _finite(blk_lse).unsqueeze(-1))
+        p = s.sub_(_finite(blk_lse).unsqueeze(-1)).exp_()  # in place: one score tile per piece
         blk_out = torch.matmul(p, v_blk).view(b, hkv, group, ql, -1)
         blk_lse = blk_lse.view(b, hkv, group, ql)
 
@@ -135,12 +145,12 @@ def torch_block_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, *, s
         delta_f = _fold(delta.unsqueeze(-1), hkv, qs, ql)
         k_blk = k[:, :, ks : ks + kl].float()
         v_blk = v[:, :, ks : ks + kl].float()
-        s = _scores(q_f, k_blk, scale, mask, group)
-        p = torch.exp(s - _finite(lse_f))
-        ds = p * (torch.matmul(do_f, v_blk.transpose(-1, -2)) - delta_f)
+        p = _scores(q_f, k_blk, scale, mask, group).sub_(_finite(lse_f)).exp_()
+        dv[:, :, ks : ks + kl] += torch.matmul(p.transpose(-1, -2), do_f)
+        ds = p.mul_(torch.matmul(do_f, v_blk.transpose(-1, -2)).sub_(delta_f))  # p is not needed any more
         dq5[:, :, :, qs : qs + ql] += torch.matmul(ds, k_blk).mul_(scale).view(b, hkv, group, ql, -1)
         dk[:, :, ks : ks + kl] += torch.matmul(ds.transpose(-1, -2), q_f).mul_(scale)
-        dv[:, :, ks : ks + kl] += torch.matmul(p.transpose(-1, -2), do_f)
+        del p, ds  # free this tile before the next one is made
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,7 +239,7 @@ def _masked_forward(q, k, v, out, lse, q_pos, k_pos, scale, causal, mask_fn, fil
         keep, bias = piece
         s = _masked_scores(_fold(q, hkv, qs, ql), k[:, :, ks : ks + kl].float(), scale, keep, bias, fill, group)
         blk_max = s.amax(-1, keepdim=True)
-        e = torch.exp(s - _finite(blk_max))
+        e = s.sub_(_finite(blk_max)).exp_()
         blk_sum = e.sum(-1, keepdim=True)
         blk_out = torch.matmul(e, v[:, :, ks : ks + kl].float()).div_(torch.where(blk_sum > 0, blk_sum, 1.0))
         blk_out = blk_out.view(b, hkv, group, ql, -1)
@@ -267,7 +277,7 @@ def _masked_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, scale, c
         k_blk = k[:, :, ks : ks + kl].float()
         v_blk = v[:, :, ks : ks + kl].float()
         s = _masked_scores(q_f, k_blk, scale, keep, bias, fill, group)
-        p = torch.exp(s.sub_(_finite(hi_f)).sub_(lo_f))
+        p = s.sub_(_finite(hi_f)).sub_(lo_f).exp_()
         dv[:, :, ks : ks + kl] += torch.matmul(p.transpose(-1, -2), do_f)
         if keep is False:
             continue  # every score is the constant fill: nothing flows to q or k

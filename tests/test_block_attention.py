@@ -3,7 +3,10 @@
 import pytest
 import torch
 
+from ringify.memory import PeakMemory
+from ringify.runtime import block_attention
 from ringify.runtime.block_attention import torch_block_backward, torch_block_forward
+from ringify.runtime.layout import layout_positions
 
 
 def reference(q, k, v, q_pos, k_pos, scale, causal):
@@ -69,3 +72,114 @@ def test_fully_masked_block_is_not_computed(seed, monkeypatch):
     before = (out.clone(), lse.clone())
     torch_block_forward(q, k, v, out, lse, torch.arange(0, 4), torch.arange(4, 8), scale=0.5, causal=True)
     assert not calls and torch.equal(out, before[0]) and torch.equal(lse, before[1])
+
+
+# ---- tiling: long blocks are cut into pieces of at most TILE x TILE, exactly -----------------------
+
+FP32_MIN = torch.finfo(torch.float32).min
+
+
+def doc_mask(q_pos, k_pos):
+    """Packed documents of 10 positions each (a bool block mask, broadcast over batch and heads)."""
+    return (q_pos[:, None] // 10) == (k_pos[None, :] // 10)
+
+
+def alibi_bias(q_pos, k_pos):
+    """A per-head additive bias [1, 4, Lq, Lk] (4 query heads)."""
+    return -torch.tensor([0.1, 0.2, 0.3, 0.4])[None, :, None, None] * (q_pos[:, None] - k_pos[None, :]).abs()
+
+
+# (mask_fn, fill, causal): the plain causal state, and the extended state with bool / float masks
+TILED = {
+    "causal": (None, float("-inf"), True),
+    "docs_finite_fill": (doc_mask, FP32_MIN, True),
+    "docs_neg_inf": (doc_mask, float("-inf"), False),
+    "bias_finite_fill": (alibi_bias, FP32_MIN, True),
+}
+
+
+def full_softmax(q, k, v, do, q_pos, k_pos, scale, mask_fn, fill, causal):
+    """fp64 softmax over the whole block (one piece), with autograd: (out, lse, dq, dk, dv)."""
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    group = q.shape[1] // k.shape[1]
+    kd, vd = (t.repeat_interleave(group, dim=1) for t in leaves[1:])
+    s = leaves[0] @ kd.transpose(-1, -2) * scale
+    keep = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
+    if mask_fn is not None:
+        m = mask_fn(q_pos, k_pos)
+        keep = keep & m if m.dtype == torch.bool else keep
+        s = s + m.double() if m.is_floating_point() else s
+    if causal:
+        keep = keep & (k_pos[None, :] <= q_pos[:, None])
+    s = s.masked_fill(~keep, fill)
+    empty = torch.isneginf(s).all(-1, keepdim=True)  # -inf fill, no visible key: the row gives 0
+    out = torch.softmax(s.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0) @ vd
+    out.backward(do.double())
+    return out.detach(), torch.logsumexp(s, -1).detach(), *(t.grad for t in leaves)
+
+
+def max_rel(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("tile", [16, None])  # a small tile (many pieces, ragged ends) and the real one
+@pytest.mark.parametrize("case", TILED)
+@pytest.mark.parametrize("positions", ["same", "zigzag", "striped"])
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_tiles_match_full_softmax(seed, monkeypatch, tile, case, positions, kv_heads):
+    if tile is not None:
+        monkeypatch.setattr(block_attention, "TILE", tile)
+    size = block_attention.TILE
+    lq = 2 * size + 37 if tile else size + 45  # longer than a tile, not a multiple of it
+    if positions == "same":
+        q_pos = k_pos = torch.arange(lq)
+    else:  # the query shard of rank 0 against the key block of rank 1, on a ring of two
+        q_pos, k_pos = (layout_positions(2 * lq + 1, 2, rank, positions) for rank in (0, 1))
+    mask_fn, fill, causal = TILED[case]
+    g = torch.Generator().manual_seed(seed)
+    q, do = (torch.randn(2, 4, len(q_pos), 8, generator=g) for _ in range(2))
+    k, v = (torch.randn(2, kv_heads, len(k_pos), 8, generator=g) for _ in range(2))
+
+    pieces = []
+    plan = block_attention._plan
+    monkeypatch.setattr(block_attention, "_plan", lambda *a, **kw: (pieces.append(p[:4]) or p for p in plan(*a, **kw)))
+    extended = mask_fn is not None or fill != float("-inf")
+    out = torch.zeros_like(q)
+    lse = torch.zeros(2, 2, 4, len(q_pos)) if extended else torch.full((2, 4, len(q_pos)), float("-inf"))
+    if extended:
+        lse[0] = float("-inf")
+    kw = dict(scale=0.3, causal=causal, mask_fn=mask_fn, fill=fill)
+    torch_block_forward(q, k, v, out, lse, q_pos, k_pos, **kw)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    torch_block_backward(q, k, v, do, lse, (do * out).sum(-1), dq, dk, dv, q_pos, k_pos, **kw)
+
+    assert len(pieces) > 2 and all(ql <= size and kl <= size for _, ql, _, kl in pieces)
+    ref_out, ref_lse, *ref_grads = full_softmax(q, k, v, do, q_pos, k_pos, 0.3, mask_fn, fill, causal)
+    ours_lse = lse[0] + lse[1] if extended else lse
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(ours_lse), seen)
+    assert max_rel(ours_lse[seen], ref_lse[seen]) < 1e-5
+    for ours, ref in zip((out, dq, dk, dv), (ref_out, *ref_grads)):
+        assert max_rel(ours, ref) < 1e-5
+
+
+def test_causal_tiles_skip_hidden_and_unmask_visible(monkeypatch):
+    """Above the diagonal nothing runs, below it no mask is built; only diagonal tiles are masked."""
+    monkeypatch.setattr(block_attention, "TILE", 8)
+    pos = torch.arange(40)
+    pieces = list(block_attention._plan(pos, pos, causal=True))
+    assert [(qs, ks) for qs, _, ks, _, _ in pieces] == [(q, k) for q in range(0, 40, 8) for k in range(0, q + 1, 8)]
+    assert all((m is None) == (qs != ks) for qs, _, ks, _, m in pieces)
+
+
+def test_one_long_block_never_builds_the_full_score_matrix():
+    """Forward + backward of one 2048-token block: far below a single [B, H, S, S] fp32 score matrix."""
+    s, heads = 2048, 2
+    q, k, v, do = (torch.randn(1, heads, s, 16) for _ in range(4))
+    pos = torch.arange(s)
+    with PeakMemory() as meter:
+        out, lse = torch.zeros_like(q), torch.full((1, heads, s), float("-inf"))
+        torch_block_forward(q, k, v, out, lse, pos, pos, scale=0.25, causal=True)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        torch_block_backward(q, k, v, do, lse, (do * out).sum(-1), dq, dk, dv, pos, pos, scale=0.25, causal=True)
+    assert meter.peak_bytes < heads * s * s * 4 / 8
