@@ -251,7 +251,9 @@ def _classify_along_dim(node: fx.Node, op, symbols: set) -> str:
             return LOCAL
         return MIX if any(dim in token_dims(t, symbols) for t in tensors) else LOCAL
     x = node.args[0]
-    dim = _dim_arg(node, 1, "dim", 0)
+    # split/chunk/repeat_interleave(self, size, dim): dim comes third; select/index_select/unbind(self, dim, ...)
+    third = op in (aten.split, aten.split_with_sizes, aten.chunk, aten.repeat_interleave)
+    dim = _dim_arg(node, 2, "dim", None if op is aten.repeat_interleave else 0) if third else _dim_arg(node, 1, "dim", 0)
     if op is aten.index_select:
         if has_tokens(node.args[2], symbols):
             return MIX

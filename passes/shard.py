@@ -19,6 +19,7 @@ the source line.
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,8 @@ from ..runtime import graph_calls
 from ..runtime.block_mask import register_block_mask
 from ..runtime.collectives import sync_grad
 from .masks import block_mask
-from .sequence import ATTENTION, LOCAL, MIX, POSITIONS, REDUCE, TABLE, classify, has_tokens, packet, token_dims, value
+from .sequence import (_VIEWS, ATTENTION, LOCAL, MIX, POSITIONS, REDUCE, TABLE, classify, has_tokens, packet,
+                       token_dims, value)
 from .where import describe, module_path, source_line
 
 aten = torch.ops.aten
@@ -131,13 +133,13 @@ class _Sharder:
             if node.op == "placeholder":
                 continue
             if wanted_full and self.active[node]:
-                consumer = self.need_full[node]
+                mixer, needed = self.blame(self.need_full[node], node)
                 raise UnsupportedModelError(
-                    f"{describe(consumer)} mixes the tokens of an activation "
-                    f"(it needs all of {describe(node)} across the sequence), so it cannot run on one rank's "
-                    "shard. ringify handles attention, token-local ops and reductions over tokens; hint: move "
-                    "this op before the layers (on inputs) or replace it with attention, or run this model "
-                    "without ringify."
+                    f"{describe(mixer)} mixes the tokens of an activation "
+                    f"(it needs all of {describe(needed)} across the sequence), so it cannot run on one rank's "
+                    f"shard. {_mixing_hint(mixer)}ringify handles attention, token-local ops and reductions over "
+                    "tokens; hint: move this op before the layers (on inputs) or replace it with attention, or "
+                    "run this model without ringify."
                 )
             if fam == ATTENTION:
                 self.compute_local.add(node)
@@ -163,6 +165,29 @@ class _Sharder:
             if wanted_local:
                 self.compute_local.add(node)
                 self._demand_inputs(node, local=True)
+
+    def blame(self, consumer: fx.Node, node: fx.Node) -> tuple[fx.Node, fx.Node]:
+        """The op that actually mixes tokens, and the activation it needs whole, for a refusal.
+
+        ``consumer`` needs all of the activation ``node``. When ``node`` (or what it is a view or
+        ``getitem`` of) mixes tokens itself, the refusal belongs to it, not to its consumer: a causal
+        ``conv1d`` followed by ``[..., :S]`` is refused at the convolution, ``sort(...).values`` at
+        ``aten.sort``. Walks up to the first mixing op whose own inputs are token-local activations.
+        """
+        seen: set[fx.Node] = set()
+        while True:
+            source = node
+            while (self.family.get(source) != MIX and source.op == "call_function" and source.args
+                   and isinstance(source.args[0], fx.Node) and _moves_tokens(source)
+                   and self.tokens(source.args[0]) and self.active.get(source.args[0])):
+                source = source.args[0]  # views and getitems move tokens, never mix them
+            if self.family.get(source) != MIX or source in seen:
+                return consumer, node
+            seen.add(source)
+            inputs = [i for i in source.all_input_nodes if self.tokens(i) and self.active.get(i)]
+            if not inputs:
+                return consumer, node
+            consumer, node = source, inputs[0]
 
     def _demand_args(self, node: fx.Node) -> None:
         """Every input with tokens is needed full (sizes and tables read at full length)."""
@@ -203,7 +228,9 @@ class _Sharder:
     # ------------------------------------------------------------------ emission
     def emit(self) -> fx.GraphModule:
         graph = fx.Graph()
-        graph._codegen = copy.deepcopy(self.gm.graph._codegen)
+        # the same calling convention (pytree in/out specs). A shallow copy: TreeSpecs are immutable, and a
+        # deepcopy rebuilds their deprecated LeafSpec children (a FutureWarning on every capture)
+        graph.set_codegen(copy.copy(self.gm.graph._codegen))
         self.graph = graph
         self.full: dict[fx.Node, fx.Node] = {}
         self.local: dict[fx.Node, fx.Node] = {}
@@ -418,6 +445,35 @@ class _Sharder:
                     if isinstance(s, torch.SymInt) and s.node.expr == expr:
                         return self.graph.call_function(aten.sym_size.int, (self.full[node], d))
         raise UnsupportedModelError(f"cannot find the input that gives the sequence length {expr}")
+
+
+def _moves_tokens(node: fx.Node) -> bool:
+    return node.target is operator.getitem or packet(node) in _VIEWS
+
+
+_HINTS = [
+    ({aten.cumsum, aten.cumprod, aten.logcumsumexp, aten.cummax, aten.cummin},
+     "A scan over the sequence (cumsum: linear attention, state-space scans) needs the running total of the "
+     "ranks before this one, which ringify does not pass between ranks. "),
+    ({aten.convolution, aten._convolution, aten.conv1d, aten.conv2d, aten.conv3d, aten.conv_transpose1d,
+      aten.conv_transpose2d, aten.conv_tbc},
+     "A convolution along the sequence (a causal depthwise conv1d as in Mamba's causal_conv1d, a convolutional "
+     "position embedding) needs the kernel_size-1 neighbouring tokens of the adjacent rank (a halo), which "
+     "ringify does not exchange. "),
+    ({aten.roll},
+     "A shift along the sequence (torch.roll, token shift) moves tokens across rank boundaries. "),
+    ({aten.sort, aten.argsort, aten.topk, aten.kthvalue, aten.median, aten.nanmedian, aten.mode, aten.max,
+      aten.min, aten.argmax, aten.argmin, aten.msort},
+     "Sorting or selecting (sort, top-k, max) over the sequence needs every token on one rank. "),
+]
+
+
+def _mixing_hint(node: fx.Node) -> str:
+    op = packet(node)
+    for ops, hint in _HINTS:
+        if op in ops:
+            return hint
+    return ""
 
 
 def _is_assert(node: fx.Node) -> bool:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 
+import torch
 from torch import fx
 
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
 def module_path(node: fx.Node) -> str:
@@ -28,12 +31,16 @@ def module_type(node: fx.Node) -> str:
 
 
 def source_line(node: fx.Node) -> str:
-    """``file.py:123 (code)`` of the user's line that produced ``node``, or ''."""
+    """``file.py:123 (code)`` of the user's line that produced ``node``, or ''.
+
+    The innermost frame outside torch itself: for an op inside ``nn.Conv1d`` that is the line calling
+    the module (``self.conv(h)``), not ``torch/nn/modules/conv.py``."""
     trace = node.meta.get("stack_trace") or ""
     frames = _FRAME.findall(trace)
     if not frames:
         return ""
-    path, line, _, code = frames[-1]
+    outside = [f for f in frames if not f[0].startswith(_TORCH_DIR)]
+    path, line, _, code = (outside or frames)[-1]
     return f"{path}:{line} ({code.strip()})"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -230,14 +231,29 @@ class _Mixer(nn.Module):
         return att.sum()
 
 
-@pytest.mark.parametrize("kind", ["cumsum", "conv", "roll", "sort", "topk"])
+# the op that mixes the tokens, which the refusal must blame (not a view or getitem after it), and its line
+_MIXERS = {
+    "cumsum": (r"aten\.cumsum", "h = h.cumsum(1)"),
+    "conv": (r"aten\.(conv1d|convolution)", "h = self.conv(h.transpose(1, 2))"),
+    "roll": (r"aten\.roll", "h = torch.roll(h, 1, dims=1)"),
+    "sort": (r"aten\.sort", "h = h.sort(dim=1).values"),
+    "topk": (r"aten\.topk", "h = h.topk(2, dim=1)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(_MIXERS))
 def test_refuses_token_mixing(seed, kind):
     torch.manual_seed(seed)
     rm = ringify(_Mixer(kind))
     with pytest.raises(UnsupportedModelError) as err:
         rm(torch.randn(2, 9, 16))
     message = str(err.value)
-    assert "test_ringify.py" in message, message  # the source line of the op
+    op, code = _MIXERS[kind]
+    assert re.match(rf"`{op}` \(node \w+\) ", message), message  # the mixing op is what the message blames
+    blamed = message.split(" mixes the tokens")[0]
+    assert "test_ringify.py" in blamed and code in blamed, message  # ...with its own source line
+    if kind == "conv":
+        assert "in module `conv`" in blamed, message
     assert "Hint" in message or "hint" in message, message
 
 
