@@ -67,30 +67,82 @@ class RingModule(torch.nn.Module):
         return self._callers[key](self._graphs[key], args, kwargs)
 
     def _rewrite(self, args, kwargs, seq_len: int):
-        captured = capture(self.model, args, kwargs, self.seq_dim)
-        gm = captured.graph_module
-        if not captured.symbols and self.world_size > 1:
-            raise UnsupportedModelError(
-                f"the sequence length of {type(self.model).__name__} was specialised to {seq_len} during capture "
-                "(the model branches on it), so ringify cannot find the tokens in the graph. Hint: remove the "
-                "branch on the sequence length, or report the model."
-            )
-        attention = canonicalize_attention(gm)
-        ffn = []
-        if self.ffn_chunk_tokens:
-            ffn = chunk_feed_forward(gm, lambda n: symbolic_token_dim(n, captured.symbols),
-                                     chunk_tokens=self.ffn_chunk_tokens)
-        new, plan = shard_graph(gm, captured.symbols, group=self.group, layout=self.layout,
-                                world_size=self.world_size, outputs=self.outputs, sync_grads=self.sync_grads)
-        report = build_report(self.model, attention, ffn, plan, world_size=self.world_size, seq_len=seq_len,
-                              layout=self.layout)
-        return new, report, captured
+        captured = self._capture(args, kwargs)
+        gm, report = rewrite(self.model, captured, group=self.group, world_size=self.world_size, layout=self.layout,
+                             outputs=self.outputs, sync_grads=self.sync_grads, ffn_chunk_tokens=self.ffn_chunk_tokens)
+        return gm, report, captured
 
-    def report(self) -> Report:
-        """What was found, rewritten and refused in the last captured graph."""
+    def _capture(self, args, kwargs):
+        return capture(self.model, args, kwargs, self.seq_dim)
+
+    def report(self, hardware: str | None = None) -> Report:
+        """What was found, rewritten and refused in the last captured graph, with a picture of the rewritten
+        graph and the cost model on ``hardware`` (a :data:`ringify.cost.HARDWARE` name, default ``cpu-gloo``)."""
         if self._last is None:
             raise RuntimeError("ringify captures on the first call: call the module once, then report()")
-        return self._reports[self._last]
+        report = self._reports[self._last]
+        wanted = hardware or "cpu-gloo"
+        cost = getattr(report, "cost", None)
+        if not cost or cost.get("estimate", {}).get("hardware", {}).get("name") != wanted:
+            complete_report(report, self.model, self._callers[self._last], self._graphs[self._last], wanted)
+        return report
+
+
+def rewrite(model: torch.nn.Module, captured, *, world_size: int, group: str = "", layout: str = "zigzag",
+            outputs: str = "full", sync_grads: bool = True, ffn_chunk_tokens: int | None = 256
+            ) -> tuple[fx.GraphModule, Report]:
+    """The passes on a captured graph: the rank-local graph for ``world_size`` ranks and its report.
+
+    Needs no process group (``group`` only names the one the graph will run on), so ``ringify report``
+    can show what a model becomes on 8 ranks from one process. The report's picture and cost section
+    come later, from :func:`complete_report` (they cost a few fake-tensor traces).
+    """
+    gm, seq_len = captured.graph_module, captured.seq_len
+    if not captured.symbols and world_size > 1:
+        raise UnsupportedModelError(
+            f"the sequence length of {type(model).__name__} was specialised to {seq_len} during capture "
+            "(the model branches on it), so ringify cannot find the tokens in the graph. Hint: remove the "
+            "branch on the sequence length, or report the model."
+        )
+    attention = canonicalize_attention(gm)
+    ffn = []
+    if ffn_chunk_tokens:
+        ffn = chunk_feed_forward(gm, lambda n: symbolic_token_dim(n, captured.symbols), chunk_tokens=ffn_chunk_tokens)
+    new, plan = shard_graph(gm, captured.symbols, group=group, layout=layout, world_size=world_size,
+                            outputs=outputs, sync_grads=sync_grads)
+    report = build_report(model, attention, ffn, plan, world_size=world_size, seq_len=seq_len, layout=layout)
+    return new, report
+
+
+def complete_report(report: Report, model, captured, new: fx.GraphModule, hardware: str | None = None) -> Report:
+    """Add the rewritten graph's picture and the cost model for ``hardware`` (a :data:`ringify.cost.HARDWARE`
+    name; default ``cpu-gloo``) to ``report``."""
+    try:
+        from .html import graph_summary
+    except ImportError:  # pragma: no cover - report without a picture
+        graph_summary = None
+    if graph_summary is not None and hasattr(report, "graph"):
+        report.graph = graph_summary(new)
+    try:
+        from .cost import HARDWARE, cost_summary, profile_model
+    except ImportError:  # pragma: no cover
+        return report
+    if not hasattr(report, "cost"):
+        return report
+    attention = [entry for layer in report.layers.values() for entry in layer.get("attention", [])]
+    batch = _batch_size(captured)
+    profile = profile_model(model, captured.graph_module, captured.symbols, attention, batch=batch,
+                            training=model.training)
+    report.cost = cost_summary(profile, report.seq_len, report.world_size, HARDWARE[hardware or "cpu-gloo"])
+    return report
+
+
+def _batch_size(captured) -> int:
+    for node in captured.graph_module.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() >= 2:
+            return int(val.shape[0]) if not isinstance(val.shape[0], torch.SymInt) else 1
+    return 1
 
 
 def _check_identical(args, kwargs, group: str) -> None:

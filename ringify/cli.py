@@ -1,59 +1,354 @@
-"""The ``ringify`` command line."""
+"""The ``ringify`` command line: demo, convert, report, run.
+
+Every command prints one clear error line and a hint on failure and exits non-zero; ``--debug``
+(before the command) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import pathlib
 import random
+import sys
 
 import typer
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.table import Table
 
 app = typer.Typer(
-    help="ringify: exact ring attention and ring-parallel models over torch.distributed.",
+    help="ringify: rewrite any PyTorch model into exact ring-parallel form, so one long sequence is spread "
+         "over many devices. Start with `ringify demo`.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    add_completion=False,
 )
 console = Console()
+errors = Console(stderr=True)
+_state = {"debug": False}
+
+MODEL_HELP = ("A saved torch.export program (.pt2), a HuggingFace-style model directory (config.json + *.safetensors), "
+              "or package.module:factory (a function returning a module, or (module, args[, kwargs])).")
 
 
 @app.callback()
-def main() -> None:
-    """Spread long sequences over many devices, exactly."""
+def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    """Spread long sequences over many devices, exactly: ring attention for models ringify has never seen."""
+    _state["debug"] = debug
+
+
+def _hint(err: BaseException) -> str:
+    from .errors import UnsupportedModelError
+    from .saved import UnsafeArchiveError
+
+    if isinstance(err, UnsupportedModelError):
+        return ""  # its message carries its own hint
+    if isinstance(err, UnsafeArchiveError):
+        return ""
+    if isinstance(err, FileNotFoundError):
+        return "check the path"
+    if isinstance(err, ValueError) and "ranks" in str(err) and "tokens" in str(err):
+        return "use a longer --seq-len or a smaller --world-size"
+    return "run with --debug for the traceback"
+
+
+@contextlib.contextmanager
+def _friendly_errors():
+    """One line and a hint, exit code 1; the traceback only with ``--debug``."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, typer.BadParameter):
+        raise
+    except Exception as err:  # noqa: BLE001 - the CLI's single place that turns errors into one line
+        if _state["debug"]:
+            raise
+        from .launch import RankFailure
+
+        if isinstance(err, RankFailure):  # the first failing rank's own first line, not the banner
+            rank, text = min(err.failures.items())
+            first = f"rank {rank}: " + (text.strip().splitlines() or ["failed"])[0]
+        else:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        errors.print(f"[red]error:[/] {first}", highlight=False, soft_wrap=True)
+        hint = _hint(err)
+        if hint:
+            errors.print(f"[dim]hint: {hint}[/]", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _check_world(seq_len: int, world_size: int) -> None:
+    if seq_len < world_size:
+        raise typer.BadParameter(f"--seq-len {seq_len} is shorter than --world-size {world_size}; every rank needs "
+                                 "at least one token")
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+# ------------------------------------------------------------------------------------------------ demo
 
 
 @app.command()
 def demo(
-    world_size: int = typer.Option(4, "--world-size", "-w", min=1, help="CPU processes in the ring."),
+    world_size: int = typer.Option(4, "--world-size", "-w", min=1, help="CPU processes (gloo) in the ring."),
     seq_len: int = typer.Option(1001, "--seq-len", "-s", min=1, help="Global sequence length (any, >= world size)."),
-    heads: int = typer.Option(8, help="Query heads."),
-    kv_heads: int = typer.Option(2, help="Key/value heads (GQA when fewer than query heads)."),
-    head_dim: int = typer.Option(32, help="Head dimension."),
-    causal: bool = typer.Option(True, help="Causal attention."),
+    layout: str = typer.Option("zigzag", help="How tokens are dealt to ranks: zigzag, contiguous or striped."),
+    seed: int = typer.Option(None, help="Random seed (default: a fresh one, printed)."),
 ) -> None:
-    """Run ring attention on WORLD_SIZE CPU processes (gloo) and check it against one process."""
-    from .verify import check_ring_attention
-    from .launch import LocalRanks
-    from .runtime import LAYOUTS
+    """Ringify a built-in small GPT on WORLD_SIZE CPU processes and check it against the single-device model.
 
-    if seq_len < world_size:
-        raise typer.BadParameter(f"--seq-len {seq_len} is shorter than --world-size {world_size}; every rank needs a token")
-    if heads % kv_heads:
-        raise typer.BadParameter(f"--heads {heads} must be a multiple of --kv-heads {kv_heads}")
-    seed = random.randrange(2**31)
-    table = Table(title=f"ring attention, {world_size} ranks, {seq_len} tokens, {'causal' if causal else 'full'}, "
-                        f"{heads} heads / {kv_heads} kv heads, fp32, seed {seed}")
-    for column in ("layout", "tokens per rank", "max rel. error (out, dq, dk, dv)", "fwd+bwd seconds", "check"):
-        table.add_column(column)
-    ok = True
-    with console.status(f"starting {world_size} CPU processes"), LocalRanks(world_size) as ranks:
-        for layout in LAYOUTS:
-            result = ranks.run(check_ring_attention, seed, seq_len, heads, kv_heads, head_dim, causal, layout)[0]
-            passed = result["max_relative_error"] < 1e-5
+    Compares logits, loss and every parameter gradient (1e-5 relative error), prints what was rewritten
+    and the measured peak memory of each rank next to the cost model's prediction.
+    """
+    _check_world(seq_len, world_size)
+    seed = random.randrange(2**31) if seed is None else seed
+    with _friendly_errors():
+        from .launch import LocalRanks
+        from .verify import check_tiny_gpt
+
+        with console.status(f"starting {world_size} CPU processes, ringifying TinyGPT ({seq_len} tokens)"):
+            with LocalRanks(world_size) as ranks:
+                results = ranks.run(check_tiny_gpt, seed, seq_len, 2, layout, timeout=600)
+        report = results[0]["report"]
+        console.print(Markdown(report.to_markdown()))
+        predicted = report.cost.get("estimate", {}).get("per_device", {}) if getattr(report, "cost", None) else {}
+        table = Table(title=f"TinyGPT, {world_size} ranks, {seq_len} tokens, layout {layout}, seed {seed}: "
+                            "ringified vs single device (fp32)")
+        for column in ("rank", "logits err", "loss err", "max grad err", "peak memory (fwd+bwd)", "predicted",
+                       "seconds", "check"):
+            table.add_column(column)
+        ok = True
+        for r in results:
+            passed = max(r["logits"], r["loss"], r["grads"]) < 1e-5
             ok &= passed
-            table.add_row(layout, str(result["shard_lengths"]), f"{result['max_relative_error']:.2e}",
-                          f"{result['seconds']:.3f}", "[green]ok[/]" if passed else "[red]FAIL[/]")
+            guess = predicted.get("total", 0) - predicted.get("parameters", 0)
+            table.add_row(str(r["rank"]), f"{r['logits']:.1e}", f"{r['loss']:.1e}", f"{r['grads']:.1e}",
+                          _mib(r["peak_bytes"]), _mib(guess) if guess > 0 else "-", f"{r['seconds']:.2f}",
+                          "[green]ok[/]" if passed else "[red]FAIL[/]")
+        console.print(table)
+        if not ok:
+            errors.print("[red]error:[/] the ringified model differs from the single-device model by more than 1e-5")
+            raise typer.Exit(1)
+        console.print("[green]exact:[/] logits, loss and every gradient match the single-device model within 1e-5.")
+
+
+# --------------------------------------------------------------------------------------------- convert
+
+
+@app.command()
+def convert(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: pathlib.Path = typer.Option(..., "--out", "-o", help="Where to write the converted program (.pt2)."),
+    seq_len: int = typer.Option(128, "--seq-len", "-s", min=2, help="Sequence length of the example inputs used to "
+                                "capture (the saved program works for any length)."),
+    world_size: int = typer.Option(2, "--world-size", "-w", min=1, help="Ring size the conversion is checked for "
+                                   "(the file loads on any)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow pickles that may run code "
+                                           "(.pt2) and custom model code (auto_map)."),
+) -> None:
+    """Capture MODEL, check that ringify can rewrite it, and save it for `ringify.load(path, mesh)` / `ringify run`."""
+    _check_world(seq_len, world_size)
+    with _friendly_errors():
+        from .saved import convert as convert_source
+        from .sources import resolve
+
+        with console.status(f"loading {model}"):
+            source = resolve(model, seq_len=seq_len, trust_remote_code=trust_remote_code)
+        with console.status(f"capturing {source.name} and checking the ring rewrite on {world_size} ranks"):
+            meta = convert_source(source, out, world_size=world_size)
+        layers = meta["report"]["layers"]
+        attention = sum(len(layer.get("attention", [])) for layer in layers.values())
+        ffn = sum(len(layer.get("ffn", [])) for layer in layers.values())
+        console.print(f"[green]wrote[/] {out} ({_mib(out.stat().st_size)}): {source.name}, {attention} attention -> ring, "
+                      f"{ffn} feed-forward -> chunked. Load with ringify.load({str(out)!r}, mesh) or run "
+                      f"`torchrun --nproc-per-node N -m ringify.cli run {out}`.")
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+@app.command()
+def report(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    world_size: int = typer.Option(4, "--world-size", "-w", min=1, help="Ring size to plan for."),
+    seq_len: int = typer.Option(1024, "--seq-len", "-s", min=2, help="Global sequence length to plan for."),
+    hardware: str = typer.Option("h100-nvlink", help="Hardware profile for the cost model (see --list-hardware)."),
+    html: pathlib.Path = typer.Option(None, "--html", help="Also write a self-contained HTML report here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+    list_hardware: bool = typer.Option(False, "--list-hardware", help="List the hardware profiles and exit."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow pickles / custom model code."),
+) -> None:
+    """What ringify finds and rewrites in MODEL, per layer, and what it will cost on WORLD_SIZE devices.
+
+    Runs in one process: the rewrite for WORLD_SIZE ranks is planned, not executed.
+    """
+    from .cost import HARDWARE
+
+    if list_hardware:
+        table = Table(title="hardware profiles")
+        for column in ("name", "FLOP/s", "link bytes/s (per direction)", "memory", "what"):
+            table.add_column(column)
+        for hw in HARDWARE.values():
+            table.add_row(hw.name, f"{hw.flops:.3g}", f"{hw.bandwidth:.3g}", f"{hw.memory / 2**30:.0f} GiB", hw.description)
+        console.print(table)
+        return
+    if hardware not in HARDWARE:
+        raise typer.BadParameter(f"unknown --hardware {hardware!r}; one of: {', '.join(HARDWARE)}")
+    _check_world(seq_len, world_size)
+    with _friendly_errors():
+        from .api import complete_report, rewrite
+        from .capture import capture
+        from .sources import resolve
+
+        with console.status(f"loading {model}"):
+            source = resolve(model, seq_len=seq_len, trust_remote_code=trust_remote_code)
+        with console.status(f"capturing {source.name} and planning the ring for {world_size} ranks"):
+            captured = capture(source.model, source.args, source.kwargs, source.seq_dim)
+            new, result = rewrite(source.model, captured, world_size=world_size)
+            complete_report(result, source.model, captured, new, hardware)
+        if as_json:
+            print(result.to_json())
+        else:
+            console.print(Markdown(result.to_markdown()))
+        if html:
+            result.to_html(str(html))
+            (errors if as_json else console).print(f"[green]wrote[/] {html}")
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def _run_rank(path: str, seq_len: int | None, steps: int, train: bool, check: bool, seed: int) -> dict:
+    """One rank of `ringify run`: load, draw the same inputs everywhere, forward (and backward + SGD)."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from .memory import PeakMemory
+    from .saved import load, load_program
+    from .sources import draw_inputs
+    from .verify import relative_error
+
+    rm = load(path)
+    program, meta = load_program(path)
+    length = seq_len or meta.get("seq_len", 128)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    rm.to(device)
+    args, kwargs = draw_inputs(meta.get("inputs", []), length, meta.get("seq_dim", 1), seed)
+    move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    args, kwargs = tuple(map(move, args)), {k: move(v) for k, v in kwargs.items()}
+    params = [p for p in rm.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-3) if train else None
+    with torch.set_grad_enabled(train):
+        rm(*args, **kwargs)  # capture and rewrite (tracing with fake tensors) outside the meter
+    losses, seconds, peak = [], [], 0
+    for _ in range(steps):
+        start = time.perf_counter()
+        with PeakMemory() as meter, torch.set_grad_enabled(train):
+            out = rm(*args, **kwargs)
+            loss = _loss_of(out)
+            if train:
+                loss.backward()
+        if train:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        peak = max(peak, meter.peak_bytes)
+    result = {"rank": dist.get_rank(), "world_size": dist.get_world_size(), "seq_len": length, "losses": losses,
+              "seconds": seconds, "peak_bytes": peak}
+    if check:  # the first step ran on the saved weights: the untouched model on the full sequence must agree
+        with torch.no_grad():
+            expected = _loss_of(program.module().to(device)(*args, **kwargs))
+        result["error"] = relative_error(torch.tensor(losses[0], dtype=torch.float64), expected.detach().cpu())
+    return result
+
+
+def _loss_of(out):
+    """The loss of a model output (``out.loss``, or the first scalar) or else the mean of the first tensor."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    leaves = [x for x in tree_leaves(out) if isinstance(x, torch.Tensor)]
+    scalars = [x for x in leaves if x.dim() == 0]
+    return scalars[0] if scalars else leaves[0].float().mean()
+
+
+@app.command()
+def run(
+    program: pathlib.Path = typer.Argument(..., help="A program written by `ringify convert`."),
+    seq_len: int = typer.Option(None, "--seq-len", "-s", min=1, help="Global sequence length (default: the one it "
+                                "was converted with)."),
+    steps: int = typer.Option(2, min=1, help="Forward (and, with --train, backward + SGD) steps."),
+    train: bool = typer.Option(False, "--train/--forward", help="Train steps (backward + SGD) or forward only."),
+    world_size: int = typer.Option(2, "--world-size", "-w", min=1, help="CPU processes to spawn when not started "
+                                   "by torchrun (under torchrun its ranks are used)."),
+    check: bool = typer.Option(True, help="Compare the first loss with the untouched model on the full sequence."),
+    seed: int = typer.Option(0, help="Seed of the random inputs (the same on every rank)."),
+) -> None:
+    """Smoke-run a converted program on a ring: under `torchrun` (gloo on CPU, nccl on GPUs) or on spawned CPU ranks."""
+    with _friendly_errors():
+        from .saved import load_program
+
+        if not program.is_file():
+            raise FileNotFoundError(f"no such file: {program}")
+        load_program(program)  # fail here, in one process, on a bad file
+        if seq_len is not None:
+            _check_world(seq_len, int(os.environ.get("WORLD_SIZE", world_size)))
+        job = (str(program), seq_len, steps, train, check, seed)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            results = _run_under_torchrun(job)
+            if results is None:
+                return
+        else:
+            from .launch import LocalRanks
+
+            with console.status(f"running {program} on {world_size} CPU processes"), LocalRanks(world_size) as ranks:
+                results = ranks.run(_run_rank, *job, timeout=600)
+        _print_run(results, train)
+
+
+def _run_under_torchrun(job: tuple):
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    try:
+        result = _run_rank(*job)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, result)
+    finally:
+        dist.destroy_process_group()
+    return gathered if int(os.environ["RANK"]) == 0 else None
+
+
+def _print_run(results: list[dict], train: bool) -> None:
+    first = results[0]
+    table = Table(title=f"{'train' if train else 'forward'} on {first['world_size']} ranks, {first['seq_len']} tokens")
+    for column in ("rank", "losses", "seconds per step", "peak memory", "vs untouched"):
+        table.add_column(column)
+    failed = False
+    for r in results:
+        error = r.get("error")
+        failed |= error is not None and error > 1e-5
+        table.add_row(str(r["rank"]), ", ".join(f"{x:.5f}" for x in r["losses"]),
+                      ", ".join(f"{s:.3f}" for s in r["seconds"]), _mib(r["peak_bytes"]),
+                      "-" if error is None else f"{error:.1e}")
     console.print(table)
-    if not ok:
-        console.print("[red]ring attention differs from single-process attention by more than 1e-5[/]")
+    if failed:
+        errors.print("[red]error:[/] the ring's loss differs from the untouched model's by more than 1e-5")
         raise typer.Exit(1)
-    console.print("[green]exact:[/] every layout matches single-process attention within 1e-5 relative error.")
+
+
+if __name__ == "__main__":  # python -m ringify.cli (what torchrun runs)
+    app()

@@ -13,6 +13,7 @@ import os
 import queue
 import socket
 import traceback
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,9 @@ def _serve(rank: int, world_size: int, port: int, tasks, results) -> None:
     while (task := tasks.get()) is not None:
         fn, args = task
         try:
-            results.put((rank, True, fn(*args)))
+            value = fn(*args)
+            ForkingPickler.dumps(value)  # an unpicklable result must fail here, not hang the caller
+            results.put((rank, True, value))
         except BaseException as err:  # report everything, including assertion failures
             results.put((rank, False, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
     results.close()

@@ -57,6 +57,8 @@ class PeakMemory(TorchDispatchMode):
 
     def _track(self, storage: torch.UntypedStorage) -> None:
         key, size = id(storage), storage.nbytes()
+        if not isinstance(size, int):  # a fake tensor's symbolic size (tracing inside the block): no memory
+            return
         old = self._sizes.get(key)
         if old is None:
             if size == 0:

@@ -26,6 +26,10 @@ class TinyGPTOutput(NamedTuple):
     loss: Optional[torch.Tensor]
 
 
+# saved programs (``ringify convert``) record their output structure by this name
+torch.utils._pytree._register_namedtuple(TinyGPTOutput, serialized_type_name="ringify.models.TinyGPTOutput")
+
+
 class CausalSelfAttention(nn.Module):
     """nanoGPT's attention, spelled by hand: the causal mask is a registered buffer, not ``is_causal``."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import re
 from dataclasses import dataclass, field
@@ -23,9 +22,18 @@ class Report:
     outputs: list[dict] = field(default_factory=list)
     synced_parameters: int = 0
     refused: list[dict] = field(default_factory=list)
+    graph: dict = field(default_factory=dict)  # condensed rewritten graph: ringify.html.graph_summary
+    cost: dict = field(default_factory=dict)   # memory and ring-step model: ringify.cost.cost_summary
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Report":
+        """The report :meth:`to_json` wrote (fields this version does not know are dropped)."""
+        data = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
     def to_markdown(self) -> str:
         lines = [f"# ringify report: {self.model}",
@@ -50,16 +58,69 @@ class Report:
                                                 for o in self.outputs) or "none"),
                   f"- parameters whose gradients are summed over ranks: {self.synced_parameters}"]
         if self.refused:
-            lines += ["", "## refused"] + [f"- {r['what']}: {r['why']}" for r in self.refused]
+            lines += ["", "## refused"] + [f"- {r.get('what', '?')}: {r.get('why', '')}" for r in self.refused]
+        if self.cost:
+            lines += ["", "## cost"] + _cost_markdown(self.cost)
         return "\n".join(lines) + "\n"
 
     def to_html(self, path: str | None = None) -> str:
-        body = html.escape(self.to_markdown())
-        page = f"<!doctype html><meta charset=utf-8><title>ringify report</title><pre>{body}</pre>"
+        """One self-contained HTML page (tables, plots and the rewritten graph as inline images); written to
+        ``path`` if given."""
+        from .html import render_html
+
+        page = render_html(self)
         if path:
-            with open(path, "w") as f:
+            with open(path, "w", encoding="utf-8") as f:
                 f.write(page)
         return page
+
+
+def _size(n) -> str:
+    if not isinstance(n, (int, float)) or isinstance(n, bool):
+        return str(n)
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def _time(s) -> str:
+    if not isinstance(s, (int, float)) or isinstance(s, bool):
+        return str(s)
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if abs(s) >= scale:
+            return f"{s / scale:.3g} {unit}"
+    return f"{s * 1e9:.3g} ns"
+
+
+def _cost_markdown(cost: dict) -> list[str]:
+    """A few lines of the cost model: memory per device, the ring step, the largest context per world size."""
+    estimate = cost.get("estimate") or {}
+    hardware = estimate.get("hardware") or {}
+    lines = []
+    if hardware:
+        lines.append(f"- hardware: {hardware.get('name', '?')}"
+                     + (f" ({hardware['description']})" if hardware.get("description") else "")
+                     + (f", {_size(hardware['memory'])} memory" if hardware.get("memory") else ""))
+    device = estimate.get("per_device") or {}
+    if device:
+        parts = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in device.items() if k not in ("total", "fits"))
+        fits = "" if "fits" not in device else (", fits" if device["fits"] else ", DOES NOT FIT")
+        lines.append(f"- memory per device at {estimate.get('seq_len', '?')} tokens on {estimate.get('world_size', '?')} "
+                     f"devices: {_size(device.get('total', '?'))}{fits}" + (f" ({parts})" if parts else ""))
+    step = estimate.get("ring_step") or {}
+    if step:
+        hidden = step.get("transfer_hidden")
+        lines.append(f"- ring step: block {step.get('block_tokens', '?')} tokens, sends {_size(step.get('bytes_sent', '?'))}, "
+                     f"compute {_time(step.get('compute_seconds', '?'))} vs transfer {_time(step.get('transfer_seconds', '?'))}"
+                     f"; transfer hides behind compute from {step.get('min_block_tokens', '?')} tokens per block"
+                     + ("" if hidden is None else (" (hidden)" if hidden else " (NOT hidden: block too small)")))
+    limits = cost.get("max_context") or {}
+    if limits:
+        lines.append("- largest context: " + ", ".join(f"{w} device{'s' if str(w) != '1' else ''}: {int(t):,} tokens"
+                                                      if isinstance(t, (int, float)) else f"{w}: {t}"
+                                                      for w, t in sorted(limits.items(), key=lambda kv: int(kv[0]))))
+    return lines
 
 
 def _mask_text(attn: dict) -> str:

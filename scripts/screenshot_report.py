@@ -1,0 +1,95 @@
+"""Write the HTML report of a small ringified Llama and screenshot it with headless Chromium.
+
+    .venv/bin/python scripts/screenshot_report.py [--world-size 4] [--out /tmp/ringify_report] [--sample-cost]
+
+The model is a 2-layer HuggingFace Llama (GQA, RoPE, SwiGLU, loss on labels) from a small config, random
+weights, no download. It is captured and rewritten for ``--world-size`` ranks in this one process (the
+rewrite needs no process group), and the report gets the picture of the rewritten graph and the cost
+model (``ringify.cost``; ``--sample-cost`` puts in the synthetic numbers of ``tests/test_html.py``
+instead, e.g. to look at the plots while the cost model is not installed). Prints the paths of the page
+and of the screenshot (``--no-screenshot``, or no ``chromium`` on the PATH: the page only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+def build_report(world_size: int, seq_len: int, hardware: str | None, sample_cost: bool):
+    import zoo
+    from ringify import api
+    from ringify.capture import capture
+    from ringify.html import graph_summary
+
+    built = zoo.llama()
+    args, kwargs = built.make_inputs(0, seq_len)
+    captured = capture(built.model, args, kwargs, 1)
+    gm, report = api.rewrite(built.model, captured, world_size=world_size)
+    if hasattr(api, "complete_report"):
+        try:
+            api.complete_report(report, built.model, captured, gm, hardware)
+        except Exception as err:  # the cost model is optional for this script
+            print(f"complete_report failed ({type(err).__name__}: {err}); page without the cost model", file=sys.stderr)
+    if not report.graph:
+        report.graph = graph_summary(gm)
+    if sample_cost or not report.cost:
+        if not sample_cost:
+            print("no cost model in the report (ringify.cost missing?); pass --sample-cost for synthetic plots",
+                  file=sys.stderr)
+        else:
+            from test_html import sample_cost as synthetic
+
+            report.cost = synthetic()
+    return report
+
+
+def screenshot(chromium: str, html_path: str, png_path: str, width: int, height: int) -> None:
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={png_path}",
+               f"--window-size={width},{height}", "file://" + os.path.abspath(html_path)]
+        subprocess.run(cmd, check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=37)
+    parser.add_argument("--hardware", default=None, help="a ringify.cost.HARDWARE name (default: cpu-gloo)")
+    parser.add_argument("--sample-cost", action="store_true", help="synthetic cost numbers (tests/test_html.py)")
+    parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "ringify_report"))
+    parser.add_argument("--width", type=int, default=1400)
+    parser.add_argument("--height", type=int, default=4400)
+    parser.add_argument("--no-screenshot", action="store_true")
+    opts = parser.parse_args()
+
+    os.makedirs(opts.out, exist_ok=True)
+    start = time.perf_counter()
+    report = build_report(opts.world_size, opts.seq_len, opts.hardware, opts.sample_cost)
+    html_path = os.path.join(opts.out, "llama_report.html")
+    page = report.to_html(html_path)
+    with open(os.path.join(opts.out, "llama_report.md"), "w") as f:
+        f.write(report.to_markdown())
+    print(f"page: {html_path} ({len(page) / 1024:.0f} KiB, {time.perf_counter() - start:.1f} s)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if opts.no_screenshot or chromium is None:
+        if chromium is None:
+            print("no chromium on the PATH: no screenshot", file=sys.stderr)
+        return
+    png_path = os.path.join(opts.out, "llama_report.png")
+    screenshot(chromium, html_path, png_path, opts.width, opts.height)
+    print(f"screenshot: {png_path}")
+
+
+if __name__ == "__main__":
+    main()
