@@ -99,10 +99,15 @@ def rewrite(model: torch.nn.Module, captured, *, world_size: int, group: str = "
     """
     gm, seq_len = captured.graph_module, captured.seq_len
     if not captured.symbols and world_size > 1:
+        sized = ([n for n, t in model.named_buffers() if seq_len in t.shape]
+                 or [n for n, t in model.named_parameters() if t.dim() and t.shape[0] == seq_len])  # position tables
+        why = (f"; it equals a size of {', '.join(f'`{n}`' for n in sized[:3])}: torch.export proves that slicing "
+               f"such a table to the sequence takes all of it and bakes the length in. Hint: make the table longer "
+               f"than the sequence (nanoGPT: block_size > T) or call with fewer than {seq_len} tokens"
+               if sized else " (the model branches on it). Hint: remove the branch on the sequence length")
         raise UnsupportedModelError(
-            f"the sequence length of {type(model).__name__} was specialised to {seq_len} during capture "
-            "(the model branches on it), so ringify cannot find the tokens in the graph. Hint: remove the "
-            "branch on the sequence length, or report the model."
+            f"the sequence length of {type(model).__name__} was specialised to {seq_len} during capture, so "
+            f"ringify cannot find the tokens in the graph{why}."
         )
     attention = canonicalize_attention(gm)
     ffn = []

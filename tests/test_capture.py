@@ -343,3 +343,16 @@ def test_no_grad_regions_survive_the_fallback():
         if p.grad is not None:
             assert relative_error(p.grad, q.grad) < 1e-6, name
     assert torch.is_grad_enabled()
+
+
+def test_sequence_as_long_as_the_mask_buffer_is_refused_with_the_fix(seed):
+    """nanoGPT at T == block_size: export bakes T in; the refusal names the buffer and what to change."""
+    from ringify.api import rewrite
+    from ringify.models import TinyGPT, tiny_gpt_inputs
+
+    model = TinyGPT(vocab=53, d_model=32, n_head=4, n_layer=1, max_len=24)
+    captured = capture(model, (), tiny_gpt_inputs(seed, 2, 24, 53))
+    with pytest.raises(UnsupportedModelError, match=r"h\.0\.attn\.bias.*block_size > T"):
+        rewrite(model, captured, world_size=2)
+    shorter = capture(model, (), tiny_gpt_inputs(seed, 2, 23, 53))
+    rewrite(model, shorter, world_size=2)  # one token shorter than the table: symbolic, rewritten
