@@ -46,10 +46,13 @@ class ModelSource:
 def input_spec(args, kwargs, seq_dim: int, int_high: int | None = None) -> list[dict]:
     """Enough to draw fresh inputs of another sequence length: name, shape, dtype, integer range."""
     named = [(f"arg{i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    tensors = [v for _, v in named if isinstance(v, torch.Tensor) and v.dim() > seq_dim]
+    seq_len = tensors[0].size(seq_dim) if tensors else None
     spec = []
     for name, value in named:
         if isinstance(value, torch.Tensor):
-            entry = {"name": name, "shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+            entry = {"name": name, "shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch."),
+                     "sequence": value.dim() > seq_dim and value.size(seq_dim) == seq_len}
             if not value.is_floating_point():
                 valid = value[value >= 0]
                 entry["high"] = int_high or (int(valid.max()) + 1 if valid.numel() else 2)
@@ -68,7 +71,7 @@ def draw_inputs(spec: list[dict], seq_len: int, seq_dim: int, seed: int) -> tupl
             value = entry["constant"]
         else:
             shape = list(entry["shape"])
-            if len(shape) > seq_dim:
+            if entry.get("sequence", len(shape) > seq_dim):
                 shape[seq_dim] = seq_len
             dtype = getattr(torch, entry["dtype"])
             if dtype.is_floating_point:
@@ -121,7 +124,7 @@ def from_hf_directory(path: pathlib.Path, seq_len: int, seed: int, trust_remote_
     return ModelSource(model, (), kwargs, cls.__name__, 1, input_spec((), kwargs, 1, model.config.vocab_size))
 
 
-def from_factory(target: str, seq_len: int, seed: int) -> ModelSource:
+def from_factory(target: str, seq_len: int | None, seed: int) -> ModelSource:
     """``package.module:factory``: the user's own code, imported as ``python -m`` would."""
     module_name, _, attr = target.partition(":")
     if os.getcwd() not in sys.path:  # like `python -m` (and uvicorn): modules next to the caller import
@@ -149,13 +152,16 @@ def from_factory(target: str, seq_len: int, seed: int) -> ModelSource:
         if vocab is None:
             raise ModelSourceError(f"{target}() returned a model without example inputs; return "
                                    "(model, example_args) or (model, example_args, example_kwargs)")
-        kwargs = _token_inputs(model, vocab, seq_len, seed)
+        kwargs = _token_inputs(model, vocab, seq_len or 128, seed)
         params = list(inspect.signature(model.forward).parameters)
         if "input_ids" not in params:  # nanoGPT-style forward(idx, targets)
             ids = kwargs["input_ids"]
             kwargs = {params[0]: ids, **({"targets": ids.clone()} if "targets" in params else {})}
         return ModelSource(model, (), kwargs, type(model).__name__, 1, input_spec((), kwargs, 1, int(vocab)))
-    return ModelSource(model, args, kwargs, type(model).__name__, 1, input_spec(args, kwargs, 1))
+    spec = input_spec(args, kwargs, 1)
+    if seq_len is not None:  # the factory's own inputs, re-drawn at the requested length
+        args, kwargs = draw_inputs(spec, seq_len, 1, seed)
+    return ModelSource(model, args, kwargs, type(model).__name__, 1, spec)
 
 
 def resolve(target: str, *, seq_len: int | None = None, seed: int = 0, trust_remote_code: bool = False,
@@ -189,7 +195,7 @@ def resolve(target: str, *, seq_len: int | None = None, seed: int = 0, trust_rem
                                    "checkpoint: config.json + *.safetensors)")
         return from_hf_directory(path, seq_len or 128, seed, trust_remote_code)
     if ":" in target and not path.exists():
-        return from_factory(target, seq_len or 128, seed)
+        return from_factory(target, seq_len, seed)
     raise ModelSourceError(f"{target}: no such file or directory (MODEL is a .pt2 file, a model directory with "
                            "config.json, or package.module:factory)")
 
