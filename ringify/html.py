@@ -566,13 +566,7 @@ def memory_plot(cost: dict) -> str | None:
         ax.axvline(float(estimate["seq_len"]), color="#888888", ls=":", lw=1.0, label=f"this run ({_tokens(estimate['seq_len'])} tokens)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("memory per device (GiB)")
-    ax.set_title("Memory per device vs context length")
-    ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    return _png(fig)
+    return _finish(fig, ax, "context length (tokens)", "memory per device (GiB)", "Memory per device vs context length")
 
 
 def step_plot(cost: dict) -> str | None:
@@ -597,9 +591,14 @@ def step_plot(cost: dict) -> str | None:
     positive = [v for p in curve for v in p[1:] if v > 0]
     if positive:
         ax.set_yscale("log")
-    ax.set_xlabel("block size (tokens per device)")
-    ax.set_ylabel("seconds per ring step")
-    ax.set_title("Compute vs transfer per ring step")
+    return _finish(fig, ax, "block size (tokens per device)", "seconds per ring step", "Compute vs transfer per ring step")
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str) -> str:
+    """Labels, grid and legend of a plot, as a PNG data URI."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
