@@ -82,9 +82,9 @@ class RingModule(torch.nn.Module):
             raise RuntimeError("ringify captures on the first call: call the module once, then report()")
         report = self._reports[self._last]
         wanted = hardware or "cpu-gloo"
-        cost = getattr(report, "cost", None)
-        if not cost or cost.get("estimate", {}).get("hardware", {}).get("name") != wanted:
-            complete_report(report, self.model, self._callers[self._last], self._graphs[self._last], wanted)
+        if not report.cost or report.cost.get("estimate", {}).get("hardware", {}).get("name") != wanted:
+            complete_report(report, self.model, self._callers[self._last], self._graphs[self._last], wanted,
+                            outputs=self.outputs, ffn_chunk_tokens=self.ffn_chunk_tokens)
         return report
 
 
@@ -119,25 +119,19 @@ def rewrite(model: torch.nn.Module, captured, *, world_size: int, group: str = "
     return new, report
 
 
-def complete_report(report: Report, model, captured, new: fx.GraphModule, hardware: str | None = None) -> Report:
+def complete_report(report: Report, model, captured, new: fx.GraphModule, hardware: str | None = None, *,
+                    outputs: str = "full", ffn_chunk_tokens: int | None = 256, training: bool | None = None) -> Report:
     """Add the rewritten graph's picture and the cost model for ``hardware`` (a :data:`ringify.cost.HARDWARE`
-    name; default ``cpu-gloo``) to ``report``."""
-    try:
-        from .html import graph_summary
-    except ImportError:  # pragma: no cover - report without a picture
-        graph_summary = None
-    if graph_summary is not None and hasattr(report, "graph"):
-        report.graph = graph_summary(new)
-    try:
-        from .cost import HARDWARE, cost_summary, profile_model
-    except ImportError:  # pragma: no cover
-        return report
-    if not hasattr(report, "cost"):
-        return report
+    name; default ``cpu-gloo``) to ``report``; ``training`` (default: the model's mode) counts backward too."""
+    from .cost import HARDWARE, cost_summary, profile_model
+    from .html import graph_summary
+
+    report.graph = graph_summary(new)
     attention = [entry for layer in report.layers.values() for entry in layer.get("attention", [])]
     batch = _batch_size(captured)
     profile = profile_model(model, captured.graph_module, captured.symbols, attention, batch=batch,
-                            training=model.training)
+                            training=model.training if training is None else training, outputs=outputs, ffn_chunk_tokens=ffn_chunk_tokens,
+                            layout=report.layout)
     report.cost = cost_summary(profile, report.seq_len, report.world_size, HARDWARE[hardware or "cpu-gloo"])
     return report
 

@@ -178,6 +178,8 @@ def report(
     hardware: str = typer.Option("h100-nvlink", help="Hardware profile for the cost model (see --list-hardware)."),
     html: pathlib.Path = typer.Option(None, "--html", help="Also write a self-contained HTML report here."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+    training: bool = typer.Option(True, "--training/--inference", help="Cost a training step (forward + backward) "
+                                  "or inference (forward only)."),
     list_hardware: bool = typer.Option(False, "--list-hardware", help="List the hardware profiles and exit."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow pickles / custom model code."),
 ) -> None:
@@ -208,7 +210,7 @@ def report(
         with console.status(f"capturing {source.name} and planning the ring for {world_size} ranks"):
             captured = capture(source.model, source.args, source.kwargs, source.seq_dim)
             new, result = rewrite(source.model, captured, world_size=world_size)
-            complete_report(result, source.model, captured, new, hardware)
+            complete_report(result, source.model, captured, new, hardware, training=training)
         if as_json:
             print(result.to_json())
         else:

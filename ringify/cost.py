@@ -1,0 +1,873 @@
+"""Cost model of a ringified model, per device: memory, the ring step, and the largest context that fits.
+
+Three questions, answered from one :class:`ModelProfile` (what the model costs, independent of the
+sequence length S and the world size W) and a :class:`Hardware` profile:
+
+1. **Memory per device** at S tokens on W devices (:func:`estimate`): parameters, gradients, activations,
+   the ring's key/value buffers and the attention workspace; and the largest S that fits
+   (:func:`max_context`).
+2. **The ring step**: what one device sends per step, and whether the transfer hides behind the
+   block's compute (the overlap condition of Liu, Zaharia, Abbeel, "Ring Attention with Blockwise
+   Transformers for Near-Infinite Context", 2023).
+3. Curves of both for reports (:func:`cost_summary`).
+
+How memory is predicted
+-----------------------
+:func:`profile_model` *runs* the captured, unsharded graph under ``FakeTensorMode`` (fake tensors
+have shapes and dtypes but no storage, so the run costs no memory and little time), forward and
+backward, with a meter like :class:`ringify.memory.PeakMemory` watching every tensor the ops create.
+Two edits make that run behave like the ringified model on one device:
+
+- attention (the canonical ``attention`` node, or SDPA) runs as a stub with the memory behaviour of
+  ``ring_attention`` at W = 1: it saves q, k, v, the output and the fp32 log-sum-exp, and never
+  builds the [S, S] scores; the subgraphs that only feed attention masks are skipped (the ring
+  evaluates them per block pair instead);
+- feed-forward blocks are chunked as ringify chunks them (``passes/ffn.py``: ``ffn_chunk_tokens``,
+  recomputed in backward), if the graph does not already contain the chunked calls.
+
+The run is repeated at 1024, 2048 and (when quick) 4096 tokens, or shorter if the model cannot take
+them, and fitted as lines ``fixed + per_token * L``: the bytes alive when each attention forward and
+each attention backward starts (one line per call: the same moment at every length; the first
+attention backward is the step's peak on most models, with every activation still saved and the
+ring at work), the peak of the whole step (one chord per pair of lengths: the moment of that peak
+moves from the end of backward, where gradients dominate, to its start as the sequence grows), and
+the bytes of the outputs. Per device then ``L = ceil(S / W)`` tokens, and the ring's own memory is
+added analytically, following what ``runtime/ring_attention.py`` and ``runtime/block_attention.py``
+allocate:
+
+- ``kv_buffers`` (W > 1): two flat key/value buffers of one block each (double buffering), and in
+  backward also two fp32 dK/dV accumulator buffers and the block gradient in flight;
+- ``attention_workspace``: the fp32 ring state (dQ, delta, the block's dK/dV) and the block kernel's
+  scratch: with the plain-torch kernels (CPU, and every masked attention on any device) the fp32
+  score tiles of ``T = min(block_attention.TILE, L)`` query rows by ``T`` keys (some rank's shard is
+  one contiguous run, so its tiles are that large), or, if larger, evaluating the model's block mask
+  on one T x T piece (a mask read from a table first takes whole rows of it: nanoGPT's ``bias``
+  costs T x max_len). How many tiles and row blocks the kernels keep alive at once is measured by
+  running them on small tensors, and the mask piece on fake tensors, so the model follows the code
+  when it changes. The Triton kernels (CUDA, no mask) keep their tiles on chip.
+
+The ring's extras are added at the moments they exist (the attention forward or backward); the
+predicted peak is the largest of those and of the fitted peak of the step; gathered outputs (``outputs="full"``
+gathers e.g. the logits to [B, S, vocab] on every rank) add ``(S - L) * output_bytes_per_token``.
+
+Approximations (stated, not hidden):
+
+- the unsharded graph stands in for the rewritten one: the few O(S) values every rank computes in
+  full (positions, mask inputs, label shifts), full-length inputs before they are cut into shards,
+  and the all-reduce copies of gradients are not counted;
+- the lines are exact where the graph's memory is affine in the length (it is, once the sequence
+  is longer than a feed-forward chunk); below one chunk the fixed part over-counts a chunk's
+  intermediate;
+- the step's peak and the ring's moments are combined by ``max`` of their sums, not by replaying
+  the rewritten graph; the largest shard (``ceil(S / W)`` tokens) decides;
+- memory that allocators, CUDA/NCCL contexts and communication libraries keep outside torch
+  tensors is not modelled (the GPU ``memory`` figures leave room for it);
+- if the fake run fails, an analytic fallback (Korthikanti et al. 2022: about ``34 * hidden``
+  16-bit bytes per token and layer, no S^2 term) is used, and the profile says ``method="analytic"``.
+
+Checked against :class:`ringify.memory.PeakMemory` on CPU gloo ranks (``tests/test_cost.py``, the
+bound there is 25%): predicted total minus parameters and buffers against the measured peak of a loss
+forward + backward. Small Llama (GQA, HF causal mask) and nanoGPT-style TinyGPT, 256 to 2000 tokens on
+1 to 4 ranks, batch 1 and 2, training and inference: within 12%, most within 6%.
+
+How the ring step is modelled
+-----------------------------
+Per ring step, each device computes attention of its ``c = ceil(S / W)`` local queries against one
+block of ``c`` keys and sends one key/value block to its neighbour:
+
+- forward FLOPs ``F = 4 * B * H * c^2 * D * f`` (QK^T and PV); ``f = 1/2`` for causal attention
+  (the zigzag layout gives every step half of its block pairs; a mask built by comparing positions,
+  or read from a lower-triangular table, counts as causal), 1 otherwise;
+- backward FLOPs ``2.5 F`` (QK^T recomputed, dV, dP, dQ, dK);
+- forward bytes ``2 * B * H_kv * c * D * b`` (K and V in the model's dtype, ``b`` bytes each);
+- backward bytes ``2 * B * H_kv * c * D * (b + 4)`` (K, V again, and the fp32 dK/dV accumulators).
+
+Transfer hides behind compute when ``F / flops >= bytes / bandwidth`` in each phase, that is when
+
+    forward:   c >= (H_kv / H) * b * flops / (2 f * bandwidth)
+    backward:  c >= (H_kv / H) * (b + 4) * flops / (5 f * bandwidth)
+
+``min_block_tokens`` is the larger of the two (training) or the forward one (inference). For full
+multi-head attention in 16-bit (``H_kv = H``, ``b = 2``, ``f = 1``) the forward condition is the
+paper's ``c >= flops / bandwidth``. In training, ``ring_step`` reports one forward step plus one
+backward step of one attention layer (``bytes_sent``, ``compute_seconds``, ``transfer_seconds`` are
+their sums); ``transfer_hidden`` needs both phases hidden.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import fx
+
+__all__ = ["HARDWARE", "Hardware", "ModelProfile", "cost_summary", "estimate", "max_context", "min_block_tokens",
+           "profile_model"]
+
+GB = 1e9
+GIB = 2**30
+_FP32 = 4
+_BWD_FLOPS = 2.5  # backward FLOPs / forward FLOPs of attention (5 matmuls against 2)
+
+
+# --------------------------------------------------------------------------------------------- hardware
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    description: str
+    flops: float      # achievable dense FLOP/s per device for attention/matmul (bf16 on GPUs; fp32 on CPU)
+    bandwidth: float  # ring link bytes/s per direction per device
+    memory: float     # device memory, bytes
+    kernel: str = "triton"  # block kernels: "triton" (tiles on chip) or "torch" (fp32 score tiles in memory)
+
+
+# Where the numbers come from:
+# - H100 SXM, measured by us: bf16 matmul ~739 TFLOP/s, SDPA flash attention ~350 TFLOP/s forward,
+#   cuDNN attention ~620 TFLOP/s (989 TFLOP/s dense bf16 peak). ringify's block kernels are flash-style
+#   Triton kernels, so the flash figure is used. NVLink 4: 900 GB/s bidirectional = 450 GB/s per
+#   direction. InfiniBand NDR: 400 Gb/s per GPU = 50 GB/s. 80 GB HBM3 (torch sees 85.0e9 bytes; 80e9
+#   leaves room for the CUDA context, NCCL and the allocator's fragmentation).
+# - H200: the H100's compute (same GH100 die and clocks), NVLink 4, 141 GB HBM3e.
+# - A100 SXM: 312 TFLOP/s dense bf16 peak; FlashAttention-2 (Dao, 2023) reaches 187-230 TFLOP/s
+#   forward, 200e12 used. NVLink 3: 600 GB/s bidirectional = 300 GB/s per direction. InfiniBand HDR:
+#   200 Gb/s per GPU = 25 GB/s. 80 GB HBM2e.
+# - cpu-gloo: the test machine, one torch thread per rank, fp32: the torch block kernels ran at
+#   6-14 GFLOP/s and gloo over loopback moved 0.2-1 GB/s per rank (benchmarks/results/ring_overlap_cpu.json);
+#   memory: an illustrative 8 GiB per rank.
+HARDWARE: dict[str, Hardware] = {
+    hw.name: hw
+    for hw in (
+        Hardware("h100-nvlink", "H100 SXM 80GB, ring over NVLink 4 (one node)", 350e12, 450 * GB, 80 * GB),
+        Hardware("h100-ib", "H100 SXM 80GB, ring over InfiniBand NDR 400 Gb/s per GPU", 350e12, 50 * GB, 80 * GB),
+        Hardware("h200-nvlink", "H200 SXM 141GB, ring over NVLink 4 (one node)", 350e12, 450 * GB, 141 * GB),
+        Hardware("a100-nvlink", "A100 SXM 80GB, ring over NVLink 3 (one node)", 200e12, 300 * GB, 80 * GB),
+        Hardware("a100-ib", "A100 SXM 80GB, ring over InfiniBand HDR 200 Gb/s per GPU", 200e12, 25 * GB, 80 * GB),
+        Hardware("cpu-gloo", "CPU processes, gloo over loopback, one thread per rank (tests, demo)", 10e9, 0.5 * GB,
+                 8 * GIB, kernel="torch"),
+    )
+}
+
+
+# ---------------------------------------------------------------------------------------------- profile
+
+
+@dataclass
+class ModelProfile:
+    """What a model costs, independent of the sequence length and the world size.
+
+    Memory is in bytes, as lines ``fixed + per_token * L`` in the number of tokens L one device holds
+    (per-token bytes are for the whole batch of ``sim_batch`` rows and scaled to ``batch``), fitted to
+    fake-tensor runs of the graph at ``fit_lengths`` (see the module docstring). Everything is plain
+    numbers: JSON via ``dataclasses.asdict``, back via ``ModelProfile(**d)``.
+    """
+
+    model: str = ""
+    method: str = "fake-trace"           # "fake-trace" (measured on fake tensors) or "analytic" (fallback)
+    layers: int = 0                      # attention layers (each one ring)
+    heads: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    hidden: int = 0
+    parameters: int = 0                  # count (tied weights once)
+    parameter_bytes: int = 0
+    buffer_bytes: int = 0                # persistent buffers (a causal-mask table, rotary frequencies)
+    gradient_bytes: int = 0              # parameters that require grad (0 without training)
+    dtype_bytes: int = 2                 # of q, k, v
+    batch: int = 1
+    training: bool = True
+    causal: bool = False                 # every attention causal (or masked by a position comparison)
+    causal_flag: bool = False            # every attention has the causal flag itself (not only a causal-like mask)
+    masked: bool = False                 # some attention has a block mask: torch block kernels on any device
+    layout: str = "zigzag"
+    outputs: str = "full"                # "full": outputs with tokens are gathered to full length on every rank
+    ffn_chunk_tokens: int | None = None
+    tile_tokens: int = 256               # block_attention.TILE
+    # the fake-tensor runs (W = 1, ring internals excluded), in bytes
+    activation_bytes_per_token: float = 0.0  # alive after forward: saved for backward + outputs (no S^2 terms)
+    activation_bytes_fixed: float = 0.0
+    # [fixed, per_token] lines. The peak of forward + backward (gradients made so far included) moves
+    # between moments as the length grows (the end of backward while gradients dominate, its start once
+    # activations do): one chord per pair of consecutive fit lengths, the estimate takes the largest.
+    step_peak_lines: list = field(default_factory=list)
+    attention_forward_lines: list = field(default_factory=list)   # alive when each attention forward starts
+    attention_backward_lines: list = field(default_factory=list)  # alive when each attention backward starts
+    output_bytes_per_token: float = 0.0      # the graph's outputs that have a token dim (logits)
+    sim_batch: int = 1
+    fit_lengths: list = field(default_factory=list)
+    # torch block kernels' scratch, measured: how many fp32 [B, H, T, T] score tiles and [B, H, T, D] row
+    # blocks are alive at once, {"forward"|"backward": {"one_piece"|"pieces": [tiles, rows]}} (one piece:
+    # the block is a single T x T tile; pieces: more, and a finished piece's tile may outlive the next one's start)
+    kernel_workspace: dict = field(default_factory=dict)
+    mask_piece_bytes: float = 0.0            # evaluating the model's block mask on one T x T piece (peak)
+    notes: list = field(default_factory=list)
+
+
+def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols: set, attention: list[dict], *,
+                  batch: int, training: bool = True, outputs: str = "full", ffn_chunk_tokens: int | None = 256,
+                  layout: str = "zigzag", lengths: tuple[int, int] | None = None) -> ModelProfile:
+    """The :class:`ModelProfile` of ``model`` from its captured, unsharded graph.
+
+    ``graph_module``: ``ringify.capture.capture(...).graph_module`` (before or after the attention and
+    feed-forward passes; it is not modified); ``symbols``: the sympy symbols of its sequence length;
+    ``attention``: attention summaries (``AttentionMatch.summary()`` or report entries). ``outputs``,
+    ``ffn_chunk_tokens`` and ``layout``: the ringify options the prediction is for (feed-forward blocks
+    are chunked here if the graph is not yet). ``lengths``: the two sequence lengths of the fake runs.
+    """
+    params = list(model.parameters())
+    profile = ModelProfile(
+        model=type(model).__name__, batch=int(batch), training=bool(training), layout=layout, outputs=outputs,
+        parameters=sum(p.numel() for p in params),
+        parameter_bytes=sum(p.numel() * p.element_size() for p in params),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+        gradient_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad) if training else 0,
+    )
+    try:
+        from .runtime import block_attention
+
+        profile.tile_tokens = int(getattr(block_attention, "TILE", 256))
+    except ImportError:  # pragma: no cover
+        pass
+    gm = _prepared_copy(graph_module, symbols, ffn_chunk_tokens, profile)
+    _attention_shapes(gm, attention, profile)
+    dtype = torch.bfloat16 if profile.dtype_bytes == 2 else torch.float32
+    try:
+        profile.kernel_workspace = _kernel_workspace(profile.tile_tokens, str(dtype).removeprefix("torch."),
+                                                     profile.masked)
+    except Exception as err:  # noqa: BLE001 - a kernel that cannot run here: assume what it was when written
+        profile.kernel_workspace = {"forward": {"one_piece": [1.5, 3.0], "pieces": [2.5, 3.0]},
+                                    "backward": {"one_piece": [2.1, 2.0], "pieces": [3.3, 2.0]}}
+        profile.notes.append(f"block kernel workspace not measured ({type(err).__name__}: {err}); assumed")
+    try:
+        _fit_profile(gm, symbols, profile, lengths)
+    except Exception as err:  # noqa: BLE001 - any model: fall back to the analytic estimate, say so
+        _analytic_profile(profile)
+        profile.notes.append(f"fake-tensor run failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                             "analytic activation estimate")
+    else:
+        try:
+            piece = _mask_piece_bytes(gm, symbols, profile.fit_lengths[0], profile.tile_tokens)
+            profile.mask_piece_bytes = float(piece)
+        except Exception as err:  # noqa: BLE001
+            profile.notes.append(f"block mask evaluation not measured ({type(err).__name__})")
+    return profile
+
+
+# --------------------------------------------------------------------------------------------- estimate
+
+
+def _shard_tokens(seq_len: int, world_size: int) -> int:
+    return -(-int(seq_len) // int(world_size))
+
+
+def _tile(profile: ModelProfile, local: int) -> tuple[int, bool]:
+    """(rows and keys of the block kernel's score tile, whether a block is cut into several pieces) on the
+    rank that decides: the kernels cut the layout's contiguous runs into TILE pieces, and some rank's
+    shard is one run (zigzag: rank W-1 holds the adjacent chunks W-1 and W)."""
+    tile = max(1, min(profile.tile_tokens, local))
+    return tile, local > tile
+
+
+def _lines(lines: list, tokens: int, scale: float) -> float:
+    """The largest of ``fixed + per_token * tokens`` (per-token bytes scaled to the batch); 0 without lines."""
+    return max((fixed + per_token * scale * tokens for fixed, per_token in lines), default=0.0)
+
+
+def _ring_terms(profile: ModelProfile, local: int, world_size: int, hardware: Hardware) -> dict:
+    """Bytes of the ring on one device while one attention layer runs (forward, backward)."""
+    b, h, hkv, d, dt = profile.batch, profile.heads, profile.kv_heads, profile.head_dim, profile.dtype_bytes
+    kv_block = 2 * b * hkv * local * d  # elements of one K+V block
+    torch_kernels = hardware.kernel == "torch" or profile.masked
+    t, pieces = _tile(profile, local)
+    tile, rows = b * h * t * t * _FP32, b * h * t * d * _FP32
+    mask = profile.mask_piece_bytes * t / max(1, profile.tile_tokens) * profile.batch / max(1, profile.sim_batch)
+
+    def kernel(phase: str) -> float:
+        """The kernel's scratch: its own tiles, or evaluating the block mask while the tiles of the piece
+        before may still be alive."""
+        ws = profile.kernel_workspace.get(phase) or {}
+        one, many = ws.get("one_piece", [0.0, 0.0]), ws.get("pieces", [0.0, 0.0])
+        tiles, row_blocks = many if pieces else one
+        carried = max(0.0, many[0] - one[0]) if pieces else 0.0
+        return max(tiles * tile + row_blocks * rows, mask + carried * tile) if torch_kernels else 0.0
+
+    kernel_fwd, kernel_bwd = kernel("forward"), kernel("backward")
+    upcast = b * h * local * d * _FP32 if dt != _FP32 else 0  # the fp32 running output / dQ beside q's dtype
+    state_fwd = upcast
+    state_bwd = upcast + b * h * local * _FP32 + kv_block * _FP32  # dQ, delta, the block's dK/dV
+    ring = world_size > 1
+    return {
+        "kv_forward": 2 * kv_block * dt if ring else 0,
+        "kv_backward": (2 * kv_block * dt + 3 * kv_block * _FP32) if ring else 0,  # kv x2, dK/dV buffers x2 + in flight
+        "workspace_forward": kernel_fwd + state_fwd,
+        "workspace_backward": kernel_bwd + state_bwd,
+    }
+
+
+def _memory(profile: ModelProfile, seq_len: int, world_size: int, hardware: Hardware) -> dict:
+    local = _shard_tokens(seq_len, world_size)
+    scale = profile.batch / max(1, profile.sim_batch)
+    ring = _ring_terms(profile, local, world_size, hardware)
+    step = _lines(profile.step_peak_lines, local, scale)
+    fwd = _lines(profile.attention_forward_lines, local, scale) + ring["kv_forward"] + ring["workspace_forward"]
+    moments = [step, fwd]  # the step's own peak; inside an attention forward
+    if profile.training:  # inside an attention backward
+        moments.append(_lines(profile.attention_backward_lines, local, scale) + ring["kv_backward"]
+                       + ring["workspace_backward"])
+        kv, workspace = ring["kv_backward"], ring["workspace_backward"]
+    else:
+        kv, workspace = ring["kv_forward"], ring["workspace_forward"]
+    peak = max(moments)
+    if profile.outputs == "full" and world_size > 1:
+        peak += (int(seq_len) - local) * profile.output_bytes_per_token * scale
+    params = profile.parameter_bytes + profile.buffer_bytes
+    grads = profile.gradient_bytes if profile.training else 0
+    activations = max(0, peak - grads - kv - workspace)
+    total = params + grads + activations + kv + workspace
+    return {"parameters": int(params), "gradients": int(grads), "activations": int(activations),
+            "kv_buffers": int(kv), "attention_workspace": int(workspace), "total": int(total),
+            "fits": bool(total <= hardware.memory)}
+
+
+def _fraction(profile: ModelProfile) -> float:
+    return 0.5 if profile.causal else 1.0
+
+
+def _step(profile: ModelProfile, block: int, hardware: Hardware, ring: bool = True) -> tuple[int, float, float, bool]:
+    """(bytes sent, compute seconds, transfer seconds, transfer hidden in every phase) of one ring step."""
+    b, h, hkv, d, dt = profile.batch, profile.heads, profile.kv_heads, profile.head_dim, profile.dtype_bytes
+    fwd_flops = 4.0 * b * h * block * block * d * _fraction(profile)
+    phases = [(fwd_flops, 2 * b * hkv * block * d * dt)]
+    if profile.training:
+        phases.append((_BWD_FLOPS * fwd_flops, 2 * b * hkv * block * d * (dt + _FP32)))
+    if not ring:
+        phases = [(flops, 0) for flops, _ in phases]
+    sent = sum(nbytes for _, nbytes in phases)
+    compute = sum(flops for flops, _ in phases) / hardware.flops
+    transfer = sent / hardware.bandwidth
+    hidden = all(flops / hardware.flops >= nbytes / hardware.bandwidth for flops, nbytes in phases)
+    return int(sent), compute, transfer, hidden
+
+
+def min_block_tokens(profile: ModelProfile, hardware: Hardware) -> int:
+    """The smallest block (tokens per device) whose compute hides its transfer in every phase.
+
+    forward ``c >= (H_kv/H) * b * flops / (2 f bandwidth)``; backward
+    ``c >= (H_kv/H) * (b + 4) * flops / (5 f bandwidth)`` (see the module docstring).
+    """
+    if not profile.heads or not profile.head_dim:
+        return 0
+    ratio = profile.kv_heads / profile.heads * hardware.flops / hardware.bandwidth / _fraction(profile)
+    need = [ratio * profile.dtype_bytes / 2]
+    if profile.training:
+        need.append(ratio * (profile.dtype_bytes + _FP32) / (2 * _BWD_FLOPS))
+    c = max(need)
+    block = max(1, math.ceil(c - 1e-9))
+    while block > 1 and _step(profile, block - 1, hardware)[3]:  # rounding: the smallest that really hides
+        block -= 1
+    while not _step(profile, block, hardware)[3]:
+        block += 1
+    return block
+
+
+def estimate(profile: ModelProfile, seq_len: int, world_size: int, hardware: Hardware, *,
+             block_tokens: int | None = None) -> dict:
+    """Memory per device and the ring step at ``seq_len`` global tokens on ``world_size`` devices.
+
+    ``per_device`` (bytes): ``parameters`` (and buffers), ``gradients`` (all of them, as after backward),
+    ``kv_buffers`` (the ring's key/value double buffers and, in training, dK/dV accumulators in flight;
+    0 on one device), ``attention_workspace`` (fp32 ring state and block-kernel scratch of one layer),
+    ``activations`` (the rest of the predicted peak: saved activations, outputs, gathered outputs,
+    transients); ``total`` is their sum, ``fits`` compares it with ``hardware.memory``.
+    ``ring_step``: one step of one attention layer (forward + backward in training), see the module
+    docstring; ``block_tokens`` overrides its block (default ``ceil(seq_len / world_size)``, the local
+    shard). Plain JSON-able values (bytes, seconds)."""
+    seq_len, world_size = int(seq_len), int(world_size)
+    if world_size < 1 or seq_len < 1:
+        raise ValueError(f"need seq_len >= 1 and world_size >= 1, got {seq_len}, {world_size}")
+    block = int(block_tokens) if block_tokens else _shard_tokens(seq_len, world_size)
+    sent, compute, transfer, hidden = _step(profile, block, hardware, ring=world_size > 1)
+    return {
+        "seq_len": seq_len,
+        "world_size": world_size,
+        "hardware": asdict(hardware),
+        "per_device": _memory(profile, seq_len, world_size, hardware),
+        "ring_step": {"block_tokens": block, "bytes_sent": sent, "compute_seconds": compute,
+                      "transfer_seconds": transfer, "min_block_tokens": min_block_tokens(profile, hardware),
+                      "transfer_hidden": hidden},
+        "steps_per_layer": world_size,
+    }
+
+
+def max_context(profile: ModelProfile, world_size: int, hardware: Hardware) -> int:
+    """The largest global sequence whose per-device total fits in ``hardware.memory`` (0: not even W tokens)."""
+    world_size = int(world_size)
+
+    def fits(s: int) -> bool:
+        return _memory(profile, s, world_size, hardware)["total"] <= hardware.memory
+
+    if not fits(world_size):
+        return 0
+    lo, hi = world_size, 2 * world_size
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 1 << 60:
+            return lo
+    while hi - lo > 1:  # fits(lo), not fits(hi); memory grows with the sequence
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _log_grid(lo: int, hi: int, points: int) -> list[int]:
+    lo, hi = max(1, int(lo)), max(int(lo) + 1, int(hi))
+    ratio = (hi / lo) ** (1 / max(1, points - 1))
+    return sorted({int(round(lo * ratio**i)) for i in range(points)} | {hi})
+
+
+def cost_summary(profile: ModelProfile, seq_len: int, world_size: int, hardware: Hardware,
+                 world_sizes=(1, 2, 4, 8, 16, 32)) -> dict:
+    """:func:`estimate` at (seq_len, world_size), the largest context per world size, the memory per
+    device against the context (log grid up to about twice the largest context), the ring step against
+    the block size (log grid), and the profile."""
+    limits = {str(w): max_context(profile, w, hardware) for w in world_sizes}
+    curves = {}
+    for w in world_sizes:
+        top = 2 * limits[str(w)] if limits[str(w)] else 1024 * w
+        grid = _log_grid(max(w, 256), max(top, 512), 24)
+        curves[str(w)] = [[s, _memory(profile, s, w, hardware)["total"]] for s in grid]
+    need = min_block_tokens(profile, hardware)
+    blocks = [2**i for i in range(4, max(18, math.ceil(math.log2(max(need, 1) * 4)) + 1))]
+    step_curve = [[c, *_step(profile, c, hardware)[1:3]] for c in blocks]
+    return {"estimate": estimate(profile, seq_len, world_size, hardware), "max_context": limits,
+            "memory_curve": curves, "step_curve": step_curve, "profile": asdict(profile)}
+
+
+# ---------------------------------------------------------------------------- profile: the fake-tensor run
+
+
+def _canonical_attention():
+    from .passes.attention import attention
+
+    return attention
+
+
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def _attention_nodes(graph: fx.Graph) -> list[fx.Node]:
+    canonical = _canonical_attention()
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in (canonical, _SDPA)]
+
+
+def _prepared_copy(gm: fx.GraphModule, symbols: set, ffn_chunk_tokens: int | None,
+                   profile: ModelProfile) -> fx.GraphModule:
+    """A copy of the graph (parameters shared) with attention canonical and feed-forward chunked."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    copy = fx.GraphModule(gm, graph)
+    try:
+        from .passes.attention import canonicalize_attention
+
+        canonicalize_attention(copy, strict=False)
+    except Exception as err:  # noqa: BLE001 - attention stays as it is; SDPA is still stubbed
+        profile.notes.append(f"attention not canonicalised for the cost model ({type(err).__name__})")
+    from .passes.ffn import chunk_feed_forward, chunked_ffn, symbolic_token_dim
+
+    chunked = [n for n in copy.graph.nodes if n.op == "call_function" and n.target is chunked_ffn]
+    if chunked:
+        profile.ffn_chunk_tokens = int(chunked[0].kwargs.get("chunk_tokens", 0)) or None
+    elif ffn_chunk_tokens:
+        try:
+            if chunk_feed_forward(copy, lambda n: symbolic_token_dim(n, symbols), chunk_tokens=ffn_chunk_tokens):
+                profile.ffn_chunk_tokens = int(ffn_chunk_tokens)
+        except Exception as err:  # noqa: BLE001
+            profile.notes.append(f"feed-forward not chunked for the cost model ({type(err).__name__})")
+    for node in copy.graph.nodes:
+        if node.op == "call_function" and node.target is chunked_ffn and not profile.hidden:
+            profile.hidden = int((node.meta.get("ringify_ffn") or {}).get("hidden") or 0)
+    return copy
+
+
+def _int(x) -> int | None:
+    try:
+        return int(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _attention_shapes(gm: fx.GraphModule, attention: list[dict], profile: ModelProfile) -> None:
+    """Heads, kv heads, head dim, dtype, causal and masks from the summaries, else from the graph."""
+    nodes = _attention_nodes(gm.graph)
+    profile.layers = max(len(attention or []), len(nodes))
+    shapes = []
+    for node in nodes:
+        q, k = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:2])
+        if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4:
+            shapes.append((_int(q.shape[0]), _int(q.shape[1]), _int(k.shape[1]), _int(q.shape[3]), q.dtype))
+    heads = [_int(a.get("num_heads")) for a in attention or []]
+    kv_heads = [_int(a.get("num_kv_heads")) or _int(a.get("num_heads")) for a in attention or []]
+    dims = [_int(a.get("head_dim")) for a in attention or []]
+    profile.heads = max([h for h in heads if h] + [s[1] for s in shapes if s[1]] + [0])
+    profile.kv_heads = max([h for h in kv_heads if h] + [s[2] for s in shapes if s[2]] + [0]) or profile.heads
+    profile.head_dim = max([d for d in dims if d] + [s[3] for s in shapes if s[3]] + [0])
+    dtypes = [s[4] for s in shapes]
+    if not dtypes:
+        dtypes = [p.dtype for p in gm.parameters() if p.is_floating_point()][:1] or [torch.float32]
+    profile.dtype_bytes = max(torch.empty((), dtype=t).element_size() for t in dtypes)
+    if not profile.hidden:
+        profile.hidden = profile.heads * profile.head_dim
+    if attention:
+        profile.causal = all(_causal_like(a) for a in attention)
+        profile.masked = any(bool(a.get("mask") or a.get("mask_kind")) for a in attention)
+    if nodes and not profile.causal:
+        profile.causal = all(_graph_causal(gm, n) for n in nodes)
+    flags = [bool(a.get("causal")) for a in attention or []] or [
+        bool(n.kwargs.get("causal") or n.kwargs.get("is_causal")) for n in nodes]
+    profile.causal_flag = bool(flags) and all(flags)
+    if nodes and not attention:
+        profile.masked = any(_mask_arg(n) is not None for n in nodes)
+
+
+_POSITION_COMPARISONS = {"le", "lt", "ge", "gt", "tril", "triu"}
+
+
+def _causal_like(summary: dict) -> bool:
+    """Causal, or masked by a comparison of positions (HF's causal masks): half of the block pairs work."""
+    ops = {str(op).strip("_") for op in summary.get("mask_ops") or []}
+    return bool(summary.get("causal")) or bool(ops & _POSITION_COMPARISONS)
+
+
+def _graph_causal(gm: fx.GraphModule, node: fx.Node, limit: int = 256) -> bool:
+    """Whether an attention node of the graph is causal or its mask is causal-like: built by comparing
+    positions (``le``, ``tril``...) or read from a lower-triangular table (nanoGPT's ``bias`` buffer)."""
+    if node.kwargs.get("causal") or node.kwargs.get("is_causal"):
+        return True
+    mask = _mask_arg(node)
+    todo, seen = [mask] if isinstance(mask, fx.Node) else [], set()
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function":
+            name = getattr(n.target, "__name__", str(n.target)).split(".")[0].strip("_")
+            if name in _POSITION_COMPARISONS:
+                return True
+            todo.extend(n.all_input_nodes)
+        elif n.op == "get_attr":
+            try:
+                table = _fetch(gm, n.target)
+            except AttributeError:
+                continue
+            if isinstance(table, torch.Tensor) and table.dim() >= 2 and table.shape[-1] == table.shape[-2] > 1:
+                square = table.reshape(-1, *table.shape[-2:])[0] != 0
+                if torch.equal(square, square.tril()) and bool(square.diagonal().all()):
+                    return True
+    return False
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _mask_arg(node: fx.Node):
+    if node.target is _SDPA:
+        return node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    return node.args[3] if len(node.args) > 3 else node.kwargs.get("mask")
+
+
+def _mask_only(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes whose values only feed attention masks (the ring evaluates those per block pair instead)."""
+    masks: set[fx.Node] = set()
+    attn = set(_attention_nodes(graph))
+    for node in reversed(graph.nodes):
+        if node.op not in ("call_function", "call_method") or not node.users:
+            continue
+        ok = True
+        for user in node.users:
+            if user in masks:
+                continue
+            if user in attn and _mask_arg(user) is node and node not in user.args[:3]:
+                continue
+            ok = False
+            break
+        if ok:
+            masks.add(node)
+    return masks
+
+
+class _Recorder:
+    def __init__(self):
+        self.meter = None
+        self.forward_live: list[int] = []
+        self.backward_live: list[int] = []
+
+
+class _RingStub(torch.autograd.Function):
+    """Attention with ``ring_attention``'s memory at one rank (no [S, S] scores): saves q, k, v, out, lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, recorder):
+        if recorder.meter is not None:
+            recorder.forward_live.append(recorder.meter.live_bytes)
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.recorder = recorder
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        recorder = ctx.recorder
+        if recorder.meter is not None:
+            recorder.backward_live.append(recorder.meter.live_bytes)
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
+
+
+class _Simulator(fx.Interpreter):
+    """Runs the graph on fake tensors: parameters faked once, guards and mask-only nodes skipped,
+    attention stubbed."""
+
+    def __init__(self, gm: fx.GraphModule, fake_mode, recorder: _Recorder, keep: set | None = None):
+        super().__init__(gm, garbage_collect_values=keep is None)
+        self.fake_mode, self.recorder = fake_mode, recorder
+        self.fakes: dict[int, torch.Tensor] = {}
+        self.skip = _mask_only(gm.graph)
+        if keep:  # these nodes (and what they need) are computed even if they only feed masks
+            todo = list(keep)
+            while todo:
+                node = todo.pop()
+                if node in self.skip:
+                    self.skip.discard(node)
+                    todo.extend(node.all_input_nodes)
+        self.attention = set(_attention_nodes(gm.graph))
+
+    def fetch_attr(self, target: str):
+        value = super().fetch_attr(target)
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+            if id(value) not in self.fakes:
+                self.fakes[id(value)] = self.fake_mode.from_tensor(value)
+            return self.fakes[id(value)]
+        return value
+
+    def run_node(self, node: fx.Node):
+        if node in self.skip:
+            return None
+        if node in self.attention:
+            q, k, v = (self.env[a] if isinstance(a, fx.Node) else a for a in node.args[:3])
+            return _RingStub.apply(q, k, v, self.recorder)
+        return super().run_node(node)
+
+    def call_module(self, target, args, kwargs):
+        if str(target).startswith("_guards"):  # export's input guards: the lengths here are hypothetical
+            return None
+        return super().call_module(target, args, kwargs)
+
+
+def _concrete(size, symbols: set, seq_len: int) -> int:
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        return int(expr.subs({s: seq_len for s in expr.free_symbols}))
+    return int(size)
+
+
+def _inputs(gm: fx.GraphModule, sim: _Simulator, symbols: set, seq_len: int, training: bool) -> list:
+    """The graph's inputs as fake tensors with ``seq_len`` tokens (parameters faked beforehand)."""
+    fake_mode = sim.fake_mode
+    args = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            sim.fetch_attr(node.target)
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            shape = [_concrete(s, symbols, seq_len) for s in val.shape]
+            with fake_mode:
+                x = torch.zeros(shape, dtype=val.dtype, device=val.device)
+            args.append(x.requires_grad_() if val.requires_grad and training else x)
+        elif isinstance(val, torch.SymInt):
+            args.append(_concrete(val, symbols, seq_len))
+        else:
+            args.append(val)
+    return args
+
+
+def _simulate(gm: fx.GraphModule, symbols: set, seq_len: int, training: bool) -> dict:
+    """One fake forward (+ backward) at ``seq_len`` tokens: the meter's peak and the live bytes at its moments."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_leaves
+
+    from .memory import PeakMemory
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    recorder = _Recorder()
+    sim = _Simulator(gm, fake_mode, recorder)
+    args = _inputs(gm, sim, symbols, seq_len, training)
+    with fake_mode, PeakMemory() as meter, torch.set_grad_enabled(training):
+        recorder.meter = meter
+        outs = [x for x in tree_leaves(sim.run(*args, enable_io_processing=False)) if isinstance(x, torch.Tensor)]
+        after_forward = meter.live_bytes
+        output_bytes = sum(o.untyped_storage().nbytes() for o in {id(o): o for o in outs}.values())
+        if training:
+            grads = [o for o in outs if o.requires_grad and o.is_floating_point()]
+            losses = [o for o in grads if o.dim() == 0]
+            if losses:
+                torch.autograd.backward(losses)
+            elif grads:
+                torch.autograd.backward(grads, [torch.ones_like(o) for o in grads])
+        recorder.meter = None
+        del outs
+    return {"peak": meter.peak_bytes, "after_forward": after_forward, "outputs": output_bytes,
+            "attention_forward": recorder.forward_live, "attention_backward": recorder.backward_live}
+
+
+def _mask_piece_bytes(gm: fx.GraphModule, symbols: set, seq_len: int, tile: int) -> int:
+    """Peak bytes of evaluating each attention's block mask (``passes/masks.py``, as the ring does per piece)
+    on one ``tile`` x ``tile`` piece, on fake tensors: a mask read from a table slices rows of the whole
+    table first (nanoGPT's ``bias``: [tile, max_len])."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .memory import PeakMemory
+    from .passes.masks import block_mask
+
+    masks = {}
+    for node in _attention_nodes(gm.graph):
+        mask = _mask_arg(node)
+        if isinstance(mask, fx.Node) and mask not in masks:
+            masks[mask] = block_mask(mask, symbols)
+    if not masks:
+        return 0
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    sim = _Simulator(gm, fake_mode, _Recorder(), keep={leaf for bm in masks.values() for leaf in bm.leaves})
+    args = _inputs(gm, sim, symbols, seq_len, False)
+    with fake_mode, torch.no_grad():
+        sim.run(*args, enable_io_processing=False)
+        pos = torch.arange(min(tile, seq_len))
+        worst = 0
+        for bm in masks.values():
+            leaves = [sim.env[leaf] if isinstance(leaf, fx.Node) else leaf for leaf in bm.leaves]
+            with PeakMemory() as meter:
+                bm.fn(pos, pos, *leaves)
+            worst = max(worst, meter.peak_bytes)
+    return worst
+
+
+def _batch_of(gm: fx.GraphModule) -> int:
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() >= 2:
+            return _int(val.shape[0]) or 1
+    return 1
+
+
+_LENGTHS = ((1024, 2048), (512, 1024), (256, 512), (64, 128), (16, 32))
+_EXTEND_SECONDS = 2.0  # a third, longer run when the second took less than this
+
+
+def _fit_profile(gm: fx.GraphModule, symbols: set, profile: ModelProfile, lengths) -> None:
+    """Fake runs at two lengths (the first pair of :data:`_LENGTHS` the model takes), and at twice the
+    second when that is quick; lines through them."""
+    import time
+
+    if not symbols:
+        raise ValueError("the graph has no symbolic sequence length")
+    errors, runs = [], {}
+    for pair in [tuple(lengths)] if lengths else _LENGTHS:
+        try:
+            for n in pair:
+                start = time.perf_counter()
+                runs[n] = _simulate(gm, symbols, n, profile.training)
+            break
+        except Exception as err:  # noqa: BLE001 - e.g. a table shorter than this length: try shorter
+            errors.append(err)
+            runs.clear()
+    else:
+        raise errors[-1]
+    if not lengths and time.perf_counter() - start < _EXTEND_SECONDS:
+        try:
+            runs[2 * pair[1]] = _simulate(gm, symbols, 2 * pair[1], profile.training)
+        except Exception:  # noqa: BLE001 - two lengths are enough
+            pass
+    ns = sorted(runs)
+
+    def chord(a: int, b: int, ya: float, yb: float) -> list[float]:
+        per_token = max(0.0, (yb - ya) / (b - a))
+        return [float(yb - per_token * b), per_token]
+
+    def events(key: str) -> list[list[float]]:  # the same attention call at the two longest lengths
+        (a, b), (ra, rb) = ns[-2:], (runs[ns[-2]][key], runs[ns[-1]][key])
+        return [chord(a, b, ya, yb) for ya, yb in zip(ra, rb)] if len(ra) == len(rb) else [
+            chord(a, b, max(ra, default=0), max(rb, default=0))]
+
+    profile.method, profile.fit_lengths, profile.sim_batch = "fake-trace", ns, _batch_of(gm)
+    last = chord(ns[-2], ns[-1], runs[ns[-2]]["after_forward"], runs[ns[-1]]["after_forward"])
+    profile.activation_bytes_fixed, profile.activation_bytes_per_token = max(0.0, last[0]), last[1]
+    profile.step_peak_lines = [chord(a, b, runs[a]["peak"], runs[b]["peak"]) for a, b in zip(ns, ns[1:])]
+    profile.attention_forward_lines = events("attention_forward")
+    profile.attention_backward_lines = events("attention_backward")
+    profile.output_bytes_per_token = chord(ns[-2], ns[-1], runs[ns[-2]]["outputs"], runs[ns[-1]]["outputs"])[1]
+
+
+def _analytic_profile(profile: ModelProfile) -> None:
+    """Korthikanti et al. (2022): ~34 * hidden bytes per token and layer in 16-bit, without the S^2 terms."""
+    per_token = float(34 * profile.hidden * profile.layers * profile.dtype_bytes / 2)
+    profile.method, profile.fit_lengths, profile.sim_batch = "analytic", [], profile.batch
+    profile.activation_bytes_fixed, profile.activation_bytes_per_token = 0.0, per_token
+    profile.step_peak_lines = [[float(profile.gradient_bytes), per_token]]
+    profile.attention_forward_lines = [[0.0, per_token]]
+    profile.attention_backward_lines = [[float(profile.gradient_bytes), per_token]]
+    profile.output_bytes_per_token = 0.0
+
+
+# ------------------------------------------------------------------------------ block kernel workspace
+
+
+@functools.cache
+def _kernel_workspace(tile: int, dtype_name: str, masked: bool) -> dict:
+    """What the torch block kernels keep alive (see ``ModelProfile.kernel_workspace``): their peak on a
+    block of one T x T piece and of 2 x 2 pieces, solved for fp32 [B,H,T,T] tiles and [B,H,T,D] row
+    blocks from two head dims. Tiny real tensors, once per process."""
+    from .memory import PeakMemory
+    from .runtime import block_attention
+
+    dtype = getattr(torch, dtype_name)
+    b, h, hkv = 1, 2, 1
+    gen = torch.Generator().manual_seed(0)
+    unit_tile, unit_row = b * h * tile * tile * _FP32, b * h * tile * _FP32
+    result: dict = {"forward": {}, "backward": {}}
+    for name, length in (("one_piece", tile), ("pieces", 2 * tile)):
+        peaks = []
+        for d in (16, 64):
+            q = torch.randn(b, h, length, d, generator=gen).to(dtype)
+            k, v = (torch.randn(b, hkv, length, d, generator=gen).to(dtype) for _ in range(2))
+            pos = torch.arange(length)
+            opts = {"scale": d**-0.5, "causal": False}
+            if masked:
+                opts.update(mask_fn=lambda qp, kp: kp.unsqueeze(0) <= qp.unsqueeze(1), fill=float("-inf"))
+                lse = torch.zeros(2, b, h, length)
+                lse[0] = float("-inf")
+            else:
+                lse = torch.full((b, h, length), float("-inf"))
+            out = torch.zeros(b, h, length, d)
+            with torch.no_grad(), PeakMemory() as fwd:
+                block_attention.torch_block_forward(q, k, v, out, lse, pos, pos, **opts)
+            do, delta = torch.randn(b, h, length, d, generator=gen).to(dtype), torch.randn(b, h, length, generator=gen)
+            dq, dk, dv = torch.zeros(b, h, length, d), torch.zeros(b, hkv, length, d), torch.zeros(b, hkv, length, d)
+            with torch.no_grad(), PeakMemory() as bwd:
+                block_attention.torch_block_backward(q, k, v, do, lse, delta, dq, dk, dv, pos, pos, **opts)
+            peaks.append((d, fwd.peak_bytes, bwd.peak_bytes))
+        (d1, f1, b1), (d2, f2, b2) = peaks
+        for phase, p1, p2 in (("forward", f1, f2), ("backward", b1, b2)):
+            rows = max(0.0, (p2 - p1) / ((d2 - d1) * unit_row))
+            result[phase][name] = [round(max(0.0, (p1 - rows * d1 * unit_row) / unit_tile), 4), round(rows, 4)]
+    return result
