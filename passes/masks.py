@@ -35,8 +35,9 @@ _ELEMENTWISE = {aten.__and__, aten.__or__, aten.__xor__, aten.bitwise_and, aten.
                 aten.logical_xor, aten.eq, aten.ne, aten.le, aten.lt, aten.ge, aten.gt, aten.where,
                 aten.masked_fill, aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten.abs, aten.remainder,
                 aten.floor_divide, aten.minimum, aten.maximum, aten.clamp, aten.sign}
+_LIKE = {aten.ones_like: 1, aten.zeros_like: 0, aten.empty_like: 0, aten.full_like: None}
 _FACTORIES = {aten.ones, aten.zeros, aten.full, aten.new_ones, aten.new_zeros, aten.new_full, aten.empty,
-              aten.new_empty}
+              aten.new_empty, *_LIKE}
 
 
 @dataclass
@@ -47,6 +48,27 @@ class BlockMask:
     leaves: list[fx.Node]
     source: fx.Node
     ops: list[str] = field(default_factory=list)
+
+
+def _expr(size):
+    return size.node.expr if isinstance(size, torch.SymInt) else size
+
+
+def _out_of_place(node: fx.Node):
+    """``aten.masked_fill`` for ``aten.masked_fill_`` on a fresh tensor (``zeros_like(m).masked_fill_(m, -inf)``).
+
+    The block is rebuilt out of place; that is the same value only when nothing else reads the tensor
+    the op wrote into, which holds for the chained form above and is checked.
+    """
+    target = node.target
+    name = getattr(getattr(target, "overloadpacket", None), "__name__", "")
+    if not name.endswith("_") or name.endswith("__"):
+        return target
+    functional = getattr(getattr(aten, name[:-1], None), target._overloadname, None)
+    written = node.args[0] if node.args else None
+    if functional is None or not isinstance(written, fx.Node) or set(written.users) != {node}:
+        return target  # no out-of-place twin, or someone else reads the written tensor: refused below
+    return functional
 
 
 def _is_tensor(node) -> bool:
@@ -124,7 +146,8 @@ class _Builder:
     def expand(self, node: fx.Node, axes: tuple) -> fx.Node:
         if node.op != "call_function":
             self.refuse(node, "a two-dimensional input that is not a placeholder or buffer")
-        op = packet(node)
+        target = _out_of_place(node)
+        op = getattr(target, "overloadpacket", target)
         self.ops.append(str(op).split(".")[-1])
         g = self.graph
         if op in _FACTORIES:
@@ -162,9 +185,7 @@ class _Builder:
                 inner_axes[in_dim] = axes[out_dim]
             return g.call_function(node.target, (self.build(node.args[0], tuple(inner_axes)), node.args[1]))
         if op in (aten.view, aten.reshape, aten._unsafe_view):
-            if tuple(value(node.args[0]).shape) == tuple(value(node).shape):
-                return self.build(node.args[0], axes)
-            self.refuse(node, "a reshape of the mask")
+            return self.reshape(node, axes)
         if op in (aten.tril, aten.triu):
             return self.band(node, axes, upper=op is aten.triu)
         if op is aten.index:
@@ -173,6 +194,23 @@ class _Builder:
                                   and torch.Tag.pointwise in node.target.tags):
             return self.pointwise(node, axes)
         self.refuse(node, f"no block rule for {op}")
+
+    def reshape(self, node: fx.Node, axes: tuple) -> fx.Node:
+        """Reshapes of the dims before the query/key axes (nn.MultiheadAttention's ``B*H`` <-> ``B, H``)."""
+        x = node.args[0]
+        in_shape, out_shape = value(x).shape, value(node).shape
+        first = next(i for i, a in enumerate(axes) if a is not None)
+        tail = len(axes) - first
+        if len(in_shape) < tail or [_expr(s) for s in in_shape[len(in_shape) - tail:]] != [_expr(s) for s in out_shape[first:]]:
+            self.refuse(node, "a reshape of the mask that touches its query or key axis")
+        lead = [s if isinstance(s, int) else -1 for s in out_shape[:first]]
+        if lead.count(-1) > 1:
+            self.refuse(node, "a reshape of the mask with several dynamic batch dims")
+        inner = self.build(x, (None,) * (len(in_shape) - tail) + axes[first:])
+        sizes = lead + [self.size_arg(s, a) if a else s for s, a in zip(out_shape[first:], axes[first:])]
+        if any(not isinstance(s, (int, fx.Node)) for s in sizes):
+            self.refuse(node, "a reshape of the mask with a dynamic size")
+        return self.graph.call_function(node.target, (inner, sizes))
 
     def pointwise(self, node: fx.Node, axes: tuple) -> fx.Node:
         def arg(a):
@@ -183,7 +221,7 @@ class _Builder:
             return a
         args = tuple(arg(a) for a in node.args)
         kwargs = {k: arg(v) for k, v in node.kwargs.items()}
-        return self.graph.call_function(node.target, args, kwargs)
+        return self.graph.call_function(_out_of_place(node), args, kwargs)
 
     def index(self, node: fx.Node, axes: tuple) -> fx.Node:
         x, indices = node.args[0], list(node.args[1])
@@ -209,11 +247,17 @@ class _Builder:
 
     def factory(self, node: fx.Node, axes: tuple) -> fx.Node:
         op = packet(node)
+        dtype = node.kwargs.get("dtype") or value(node).dtype
+        if op in _LIKE:  # the shape of a tensor this block does not need: the block's own
+            sizes = [self.size_arg(None, a) if a else s for s, a in zip(value(node).shape, axes)]
+            if any(not isinstance(s, (int, fx.Node)) for s in sizes):
+                self.refuse(node, "a factory with a dynamic batch size")
+            fill = _LIKE[op] if _LIKE[op] is not None else node.args[1]
+            return self.graph.call_function(block_full, (sizes, fill, dtype, self.q_pos))
         size_index = 1 if op in (aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty) else 0
         sizes = [self.size_arg(s, a) for s, a in zip(node.args[size_index], axes)]
         sizes = [self.graph.call_function(aten.sym_size.int, (self.q_pos if a == Q else self.k_pos, 0))
                  if s == -1 else s for s, a in zip(sizes, axes)]
-        dtype = node.kwargs.get("dtype") or value(node).dtype
         fill = {aten.ones: 1, aten.new_ones: 1, aten.zeros: 0, aten.new_zeros: 0, aten.empty: 0,
                 aten.new_empty: 0}.get(op)
         if fill is None:

@@ -120,6 +120,13 @@ def _tokens_along(node: fx.Node, dims: set[int], symbols: set, arg: int = 0) -> 
 
 def classify(node: fx.Node, symbols: set) -> str:
     """The family of a call_function node that touches token dims (see the module docstring)."""
+    family = _family(node, symbols)
+    if family in (LOCAL, REDUCE) and mixes_token_layouts(node, symbols):
+        return MIX
+    return family
+
+
+def _family(node: fx.Node, symbols: set) -> str:
     op = packet(node)
     if op in _ASSERTS or op is getattr(torch.ops.higher_order, "_guards_fn", None):
         return LOCAL
@@ -195,25 +202,81 @@ def _classify_getitem(node: fx.Node, symbols: set) -> str:
 
 
 def _view_keeps_tokens(node: fx.Node, symbols: set) -> bool:
-    """A view keeps tokens whole when the token dims are moved or merged with batch-like dims, never split."""
+    """A view keeps tokens whole when each token's elements stay together and in order.
+
+    In row-major order a token step is ``stride`` elements apart; a view keeps that. The output's token
+    dim may merge the sequence with dims after it (``(S, B, E) -> (S*B, E)``, as nn.MultiheadAttention
+    does) or before it (``(B, S, V) -> (B*S, V)`` for a loss): the shard of such a dim is the local
+    tokens in the same place. The inner factor (``B`` in ``S*B``) is kept on the node for the next view.
+    """
     x = node.args[0]
     if not isinstance(x, fx.Node) or not isinstance(value(x), torch.Tensor):
         return True
     op = packet(node)
-    if op in (aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten):
-        inner = token_dims(x, symbols)
-        if not inner:
-            return True
-        shape = value(x).shape
-        # the token dim must not be merged with a feature dim after it (that would interleave tokens)
-        out_tokens = token_dims(node, symbols)
-        if not out_tokens:
-            return False
-        out_shape = value(node).shape
-        after_in = _numel(shape[inner[-1] + 1:])
-        after_out = _numel(out_shape[out_tokens[-1] + 1:])
-        return after_in == after_out
-    return True  # transpose, permute, unsqueeze, expand...: tokens move, never mix
+    if op not in (aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten):
+        return True  # transpose, permute, unsqueeze, expand...: tokens move, never mix
+    inner = token_dims(x, symbols)
+    if not inner:
+        return True
+    out_tokens = token_dims(node, symbols)
+    if len(inner) != 1 or len(out_tokens) != 1:
+        return False
+    shape, out_shape = value(x).shape, value(node).shape
+    stride = _expr(token_inner(x, symbols)) * _expr(_numel(shape[inner[0] + 1:]))
+    inner_out = sympy.simplify(stride / _expr(_numel(out_shape[out_tokens[0] + 1:])))
+    if not _whole(inner_out) or not _integral(sympy.expand(_expr(out_shape[out_tokens[0]]) / inner_out)):
+        return False  # a token's elements would be split across output rows
+    node.meta["ringify_token_inner"] = int(inner_out)
+    return True
+
+
+def token_inner(node, symbols: set) -> int:
+    """Elements of the token dim per token (``B`` when a view made it ``S*B``); 1 for a plain sequence dim.
+
+    Set by ``_view_keeps_tokens`` on the views that merge; other ops keep the token dim of their first
+    input with tokens, so the walk goes back to the last such view (or to an input: 1).
+    """
+    path, inner = [], 1
+    while isinstance(node, fx.Node):
+        if "ringify_token_inner" in node.meta:
+            inner = node.meta["ringify_token_inner"]
+            break
+        if node.op != "call_function" or packet(node) in (aten.view, aten.reshape, aten._unsafe_view,
+                                                           aten.flatten, aten.unflatten):
+            break
+        path.append(node)
+        node = next((a for a in node.all_input_nodes if has_tokens(a, symbols)), None)
+    for visited in path:  # remembered: the residual stream would walk back through every layer each time
+        visited.meta["ringify_token_inner"] = inner
+    return inner
+
+
+def mixes_token_layouts(node: fx.Node, symbols: set) -> bool:
+    """Tensors whose token dims were merged differently (``S*B`` against ``B*S``) meet in one op.
+
+    Globally and on a shard they pair different tokens, so the op cannot run on shards.
+    """
+    tensors = [a for a in node.all_input_nodes if isinstance(value(a), torch.Tensor) and has_tokens(a, symbols)]
+    return len({token_inner(a, symbols) for a in tensors}) > 1
+
+
+def _expr(size):
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+
+
+def _whole(expr) -> bool:
+    return not expr.free_symbols and expr.is_integer and int(expr) >= 1
+
+
+def _integral(expr) -> bool:
+    """A size expression with whole coefficients (``2*s0 - 2``, not ``s0/2``)."""
+    symbols = sorted(expr.free_symbols, key=str)
+    if not symbols:
+        return bool(expr.is_integer)
+    try:
+        return all(c.is_integer for c in sympy.Poly(expr, *symbols).coeffs())
+    except sympy.PolynomialError:
+        return False
 
 
 def _numel(shape) -> object:

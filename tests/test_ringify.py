@@ -92,6 +92,28 @@ class EinsumEncoder(nn.Module):
         return h, loss
 
 
+class TorchMHAEncoder(nn.Module):
+    """nn.MultiheadAttention, batch-first or sequence-first, with a key-padding mask and optionally causal."""
+
+    def __init__(self, batch_first: bool, causal: bool, d=32, heads=4):
+        super().__init__()
+        self.batch_first, self.causal = batch_first, causal
+        self.embed = nn.Linear(8, d)
+        self.mha = nn.MultiheadAttention(d, heads, batch_first=batch_first)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x, keep, target):
+        h = self.embed(x)
+        h = h if self.batch_first else h.transpose(0, 1)
+        S = x.shape[1]
+        causal = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1) if self.causal else None
+        y, _ = self.mha(h, h, h, key_padding_mask=~keep, attn_mask=causal, is_causal=self.causal,
+                        need_weights=False)
+        y = y if self.batch_first else y.transpose(0, 1)
+        out = self.head(y + x.sum(-1, keepdim=True))
+        return out, ((out - target) ** 2).mean()
+
+
 def _hf(name):
     import transformers as tf
 
@@ -131,6 +153,11 @@ def build(name: str, seed: int, seq_len: int):
         keep[:, 0] = True
         x, target = torch.randn(2, seq_len, 32, generator=g), torch.randn(2, seq_len, 32, generator=g)
         return EinsumEncoder(), (x, keep, target), {}
+    if name.startswith("mha"):  # mha-batch / mha-seq, -causal
+        keep = torch.rand(2, seq_len, generator=g) > 0.3
+        keep[:, 0] = True
+        x, target = torch.randn(2, seq_len, 8, generator=g), torch.randn(2, seq_len, 5, generator=g)
+        return TorchMHAEncoder("batch" in name, "causal" in name), (x, keep, target), {}
     model = _hf(name)
     kwargs = dict(input_ids=ids, labels=labels)
     if name == "bert":
@@ -189,6 +216,12 @@ def test_equivalent(ranks, seed, name, world_size):
 @pytest.mark.parametrize("name", SLOW)
 def test_equivalent_hf(ranks, seed, name, world_size):
     ranks(world_size).run(check_model, name, seed, 8 * world_size + 3)
+
+
+@pytest.mark.parametrize("name", ["mha-batch", "mha-seq-causal"])
+def test_equivalent_torch_multihead_attention(ranks, seed, name):
+    """nn.MultiheadAttention merges the sequence with the batch ((S, B, E) -> (S*B, E)) and back."""
+    ranks(3).run(check_model, name, seed, 3 * 5 + 2)
 
 
 @pytest.mark.parametrize("name", ["nanogpt", "llama-sdpa"])
@@ -255,6 +288,27 @@ def test_refuses_token_mixing(seed, kind):
     if kind == "conv":
         assert "in module `conv`" in blamed, message
     assert "Hint" in message or "hint" in message, message
+
+
+class _CrossedFlatten(nn.Module):
+    """Tokens flattened token-major (S*B) and batch-major (B*S) multiplied together: pairs differ per shard."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.lin(x)
+        B, S, E = h.shape
+        token_major, batch_major = h.transpose(0, 1).reshape(S * B, E), h.reshape(B * S, E)
+        return (token_major * batch_major).sum()
+
+
+def test_refuses_differently_flattened_tokens(seed):
+    torch.manual_seed(seed)
+    rm = ringify(_CrossedFlatten())
+    with pytest.raises(UnsupportedModelError, match=r"`aten\.mul` .*token_major \* batch_major"):
+        rm(torch.randn(2, 9, 16))
 
 
 def test_world_larger_than_sequence(ranks):
