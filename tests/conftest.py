@@ -1,8 +1,36 @@
+import os
 import random
 
 import pytest
+import torch
 
 from ringify.launch import LocalRanks
+
+
+def _import_triton_interpretable() -> None:
+    """Import triton first, with TRITON_INTERPRET=1, on a machine without a GPU.
+
+    Triton's own library functions (``tl.max``...) are wrapped for interpreting or compiling when triton
+    is first imported. Other test modules import it through the package; if they came first, the kernel
+    tests (tests/test_triton_kernels.py) could not run in the interpreter and would skip in ``make test``.
+    The variable is put back at once: the package's own kernel module still sees it unset.
+    """
+    if torch.cuda.is_available():
+        return
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+_import_triton_interpretable()
 
 
 @pytest.fixture(scope="session")
