@@ -1,0 +1,87 @@
+"""Every model of the zoo, ringified on real gloo rings, as a new user would try it.
+
+The zoo (tests/zoo.py) holds the named models and their relatives: other decoder families (Qwen2/3,
+Gemma, Gemma3, StableLM), sliding-window attention (Mistral), partial rotary (GPT-NeoX, Phi, StableLM),
+packed documents, padding. Each must come out the same function: logits, loss and every parameter
+gradient within 1e-5 (fp32), in eval and train mode. The models it must refuse are refused, naming the op.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ringify import UnsupportedModelError, ringify
+from ringify.verify import relative_error
+from zoo import REFUSE, ZOO
+
+SEQ_PER_RANK = 4
+# Relatives that ringify refuses on purpose, name -> what the refusal must say.
+REFUSED_ON_PURPOSE = {"gemma2_softcap_swa": "tanh"}
+# The hand-written models and one HF model run in the quick subset; the other HF relatives are slow.
+QUICK = {"tiny_gpt", "einsum_encoder", "llama_sdpa_padded"}
+
+
+def check_zoo_model(name: str, seed: int, seq_len: int, train: bool) -> dict:
+    zm = ZOO[name](train=train)
+    args, kwargs = zm.make_inputs(seed, seq_len)
+    reference = copy.deepcopy(zm.model)
+    ref = reference(*args, **kwargs)
+    ref.loss.backward()
+
+    out = ringify(zm.model, ffn_chunk_tokens=3)(*args, **kwargs)
+    out.loss.backward()
+    errors = {"logits": relative_error(out.logits, ref.logits), "loss": relative_error(out.loss, ref.loss)}
+    ref_params = dict(reference.named_parameters())
+    scale = max(p.grad.norm().item() for p in reference.parameters() if p.grad is not None)
+    for n, p in zm.model.named_parameters():
+        if ref_params[n].grad is None:
+            continue
+        assert p.grad is not None, f"{name}: no gradient for {n}"
+        # a gradient that is zero in exact arithmetic (a key bias) is noise on both sides: compare to the largest
+        err = ((p.grad - ref_params[n].grad).norm() / max(ref_params[n].grad.norm(), 1e-3 * scale)).item()
+        errors["grad"] = max(errors.get("grad", 0.0), err)
+    assert max(errors.values()) < 1e-5, (name, errors)
+    return errors
+
+
+def _params(names, world_sizes):
+    out = []
+    for name in names:
+        marks = [] if name in QUICK else [pytest.mark.slow]
+        out += [pytest.param(name, w, id=f"{name}-{w}", marks=marks) for w in world_sizes]
+    return out
+
+
+RING_MODELS = [n for n in ZOO if n not in REFUSED_ON_PURPOSE]
+
+
+@pytest.mark.parametrize("name,world_size", _params(RING_MODELS, [2, 3]))
+def test_relative_is_the_same_function(ranks, seed, name, world_size):
+    train = seed % 2 == 1  # eval or train mode capture, drawn with the seed
+    ranks(world_size).run(check_zoo_model, name, seed, SEQ_PER_RANK * world_size + 1, train)
+
+
+@pytest.mark.parametrize("name", [n for n in REFUSED_ON_PURPOSE if n in ZOO])
+def test_relative_refused_on_purpose(seed, name):
+    zm = ZOO[name]()
+    args, kwargs = zm.make_inputs(seed, 9)
+    with pytest.raises(UnsupportedModelError, match=REFUSED_ON_PURPOSE[name]):
+        ringify(zm.model)(*args, **kwargs)
+
+
+_MIXING_OPS = {"cumsum": "aten.cumsum", "causal_conv1d": "aten.conv1d", "topk": "aten.topk", "sort": "aten.sort",
+               "roll": "aten.roll"}
+
+
+@pytest.mark.parametrize("name", list(REFUSE))
+def test_sequence_mixers_refused(seed, name):
+    zm = REFUSE[name]()
+    args, kwargs = zm.make_inputs(seed, 9)
+    with pytest.raises(UnsupportedModelError) as err:
+        ringify(zm.model)(*args, **kwargs)
+    message = str(err.value)
+    assert message.startswith(f"`{_MIXING_OPS[name]}`") and "zoo.py" in message.split("mixes")[0], message
+    assert "hint" in message.lower(), message
