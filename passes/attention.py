@@ -9,6 +9,7 @@ IR, aten ops, every node with `meta['val']`). Two families are recognised:
 
       scores = q @ k^T                  (matmul / bmm / mm / baddbmm / einsum, 2-D..4-D)
       scores = scores * c | / c         (constant scales, also folded into q and/or k)
+      scores = c * tanh(scores / c)     (logit soft-capping, Gemma-2; before the mask)
       scores = masked_fill / where / + mask      (at most one mask)
       scores = casts                    (fp32 softmax: .float() ... .to(q.dtype))
       p      = softmax(scores, -1) -> casts -> dropout
@@ -72,6 +73,7 @@ def attention(
     mask_kind: str | None = None,
     fill: float = NEG_INF,
     dropout_p: float = 0.0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Canonical attention. q [B,H,Sq,D]; k, v [B,H_kv,Sk,D] with H % H_kv == 0 (GQA: query head h
     reads kv head h // (H//H_kv)), un-repeated.
@@ -79,7 +81,8 @@ def attention(
     mask broadcastable to [B,H,Sq,Sk]: mask_kind 'keep' (bool, True=attend; other scores become
     `fill`), 'add' (float bias added to the scaled scores), or None.
     causal: key j visible to query i iff j <= i (positions), combined with the mask by AND; masked
-    causal scores are -inf. Half-precision inputs are computed in fp32; the result has q's dtype.
+    causal scores are -inf. softcap (0 = off): scaled scores become softcap * tanh(s / softcap)
+    before the mask. Half-precision inputs are computed in fp32; the result has q's dtype.
     A query row with no visible key (every score -inf) gives 0 with zero gradients, as SDPA does
     (a hand-written softmax would give NaN there).
     """
@@ -89,6 +92,8 @@ def attention(
         v = v.repeat_interleave(heads // kv_heads, dim=1)
     ct = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-2, -1)) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     if mask is not None:
         if mask_kind == "keep":
             if mask.dtype != torch.bool:
@@ -157,6 +162,7 @@ class AttentionMatch:
     mask_kind: str | None = None
     fill: float = NEG_INF
     dropout_p: float = 0.0
+    softcap: float = 0.0
     gqa: bool = False
     num_heads: int | None = None
     num_kv_heads: int | None = None
@@ -186,6 +192,7 @@ class AttentionMatch:
             "mask_kind": self.mask_kind,
             "fill": self.fill if self.mask_kind == "keep" else None,
             "dropout_p": self.dropout_p,
+            "softcap": self.softcap,
             "gqa": self.gqa,
             "num_heads": num(self.num_heads),
             "num_kv_heads": num(self.num_kv_heads),
@@ -258,6 +265,7 @@ _CASTS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.def
 _IDENTITY = {aten.contiguous.default, aten.clone.default, aten.alias.default, aten.detach.default}
 _MUL = {aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.mul_.Scalar}
 _DIV = {aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div_.Scalar}
+_TANH = {aten.tanh.default, aten.tanh_.default}
 _ADD = {aten.add.Tensor, aten.add.Scalar, aten.add_.Tensor, aten.add_.Scalar}
 _SUB = {aten.sub.Tensor, aten.sub.Scalar}
 _MASKED_FILL = {aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.masked_fill_.Scalar, aten.masked_fill_.Tensor}
@@ -544,7 +552,7 @@ class _Ctx:
 
 @dataclass
 class _Step:
-    kind: str  # 'cast' | 'scale' | 'shift' | 'fill' | 'where' | 'add'
+    kind: str  # 'cast' | 'scale' | 'shift' | 'fill' | 'where' | 'add' | 'softcap'
     node: fx.Node
     value: float = 1.0  # scale factor, or fill value
     mask: fx.Node | None = None
@@ -563,6 +571,8 @@ def _score_inputs(node: fx.Node) -> list[tuple[fx.Node, _Step]]:
         return [(s[1], _Step("scale", node, value=s[0]))]
     if t in _MUL or t in _DIV:
         raise _NoMatch(f"scores are scaled by a non-constant at {_fmt(node)}", "scale by a Python number")
+    if t in _TANH:  # soft-capping: c * tanh(scores / c), the scales around it are separate steps
+        return [(node.args[0], _Step("softcap", node))]
     if t in _MASKED_FILL:
         x, m, value = node.args[:3]
         fill = _scalar(value)
@@ -752,7 +762,16 @@ def _match_softmax(sm: fx.Node, ctx: _Ctx) -> tuple[dict, _Plan]:
 
     # scale and mask, walking forward from q @ k^T to softmax
     scale, mask, mask_kind, fill, invert, factor = base_scale, None, None, NEG_INF, False, 1.0
+    capped_scale = None  # the scale inside tanh, once a soft-cap is seen (then `scale` counts the one outside)
     for step in masks + steps:
+        if step.kind == "softcap":
+            if mask is not None or capped_scale is not None:
+                raise _NoMatch(
+                    f"the scores pass through {_fmt(step.node)} after a mask or a second tanh",
+                    "soft-cap once, before the mask: c * tanh(scores / c) + mask",
+                )
+            capped_scale, scale = scale, 1.0
+            continue
         if step.kind == "scale":
             scale *= step.value
             if mask_kind == "add":
@@ -776,8 +795,13 @@ def _match_softmax(sm: fx.Node, ctx: _Ctx) -> tuple[dict, _Plan]:
     if mask is not None and not isinstance(mask, fx.Node):
         raise _NoMatch("the mask is not a tensor")
 
+    softcap = 0.0
+    if capped_scale is not None:  # post * tanh(pre * s) == |post| * tanh(pre * post * s / |post|)
+        if scale == 0:
+            raise _NoMatch("the soft-capped scores are multiplied by 0")
+        softcap, scale = abs(scale), capped_scale * scale
     region = {score, sm, out, *post, *(s.node for s in steps)}
-    return dict(form=form, scale=scale, dropout_p=dropout_p, causal=False), _finish(
+    return dict(form=form, scale=scale, dropout_p=dropout_p, causal=False, softcap=softcap), _finish(
         ctx, sm, out, q, k, v, score_layout, out_layout, mask, mask_kind, fill, invert, factor, region
     )
 
@@ -911,6 +935,7 @@ def _make_match(info: dict, plan: _Plan) -> AttentionMatch:
         mask_kind=plan.mask_kind,
         fill=plan.fill,
         dropout_p=info["dropout_p"],
+        softcap=float(info.get("softcap", 0.0)),
         gqa=not _same(qs["H"], ks["H"]),
         num_heads=qs["H"],
         num_kv_heads=ks["H"],
@@ -1069,6 +1094,8 @@ def _rewrite(gm: fx.GraphModule, m: AttentionMatch, fake_mode) -> None:
                 mask = emit(aten.mul.Tensor, (mask, plan.mask_factor))
             mask = emit.to_canonical(mask, plan.mask.layout, "BHSK", plan.heads)
         kwargs = dict(scale=m.scale, causal=m.causal, mask_kind=m.mask_kind, fill=m.fill, dropout_p=m.dropout_p)
+        if m.softcap:
+            kwargs["softcap"] = m.softcap
         att = emit(attention, (q, k, v, mask), kwargs)
         out = emit.from_canonical(att, "BHSE", plan.out_layout)
         want = _val(plan.out).dtype

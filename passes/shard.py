@@ -386,7 +386,7 @@ class _Sharder:
             graph_calls.ring_attention_call,
             (self.get_local(q), self.get_local(k), self.get_local(v), mask_args),
             dict(mask_fn=mask_fn, scale=float(kwargs["scale"]), causal=bool(kwargs.get("causal", False)),
-                 fill=float(fill), group=self.group, layout=self.layout),
+                 fill=float(fill), softcap=float(kwargs.get("softcap", 0.0)), group=self.group, layout=self.layout),
         )
         new.meta = dict(node.meta)
         return new

@@ -777,6 +777,8 @@ def _layers_section(report) -> str:
             found = _e(a.get("kind", "?") + (f" ({a['form']})" if a.get("form") and a.get("form") != a.get("kind") else ""))
             if a.get("head_dim"):
                 found += f' <span class="muted">head dim {_e(a["head_dim"])}</span>'
+            if a.get("softcap"):
+                found += f' <span class="muted">soft-cap {a["softcap"]:g}</span>'
             blocks.append(["attention", found, _e(_mask(a)), _gqa(a), '<span class="badge ok">ring attention</span>',
                            _module(a.get("module_path", "")), _source(a.get("source", ""))])
         for f in layer.get("ffn", []):

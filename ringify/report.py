@@ -42,7 +42,7 @@ class Report:
         for path, layer in self.layers.items():
             attn = layer.get("attention", [])
             ffn = layer.get("ffn", [])
-            a = ", ".join(f"{x.get('kind', '?')} -> ring" for x in attn) or "-"
+            a = ", ".join(f"{x.get('kind', '?')}{_softcap_text(x)} -> ring" for x in attn) or "-"
             m = ", ".join(_mask_text(x) for x in attn) or "-"
             g = ", ".join("yes" if x.get("gqa") else "no" for x in attn) or "-"
             f = ", ".join(f"{x.get('kind', '?')}({x.get('activation', '')}) -> chunked" for x in ffn) or "-"
@@ -121,6 +121,10 @@ def _cost_markdown(cost: dict) -> list[str]:
                                                       if isinstance(t, (int, float)) else f"{w}: {t}"
                                                       for w, t in sorted(limits.items(), key=lambda kv: int(kv[0]))))
     return lines
+
+
+def _softcap_text(attn: dict) -> str:
+    return f" (soft-cap {attn['softcap']:g})" if attn.get("softcap") else ""
 
 
 def _mask_text(attn: dict) -> str:

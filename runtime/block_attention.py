@@ -77,12 +77,24 @@ def _fold(x: torch.Tensor, kv_heads: int, start: int, length: int) -> torch.Tens
     return x.reshape(b, kv_heads, (h // kv_heads) * length, d)
 
 
-def _scores(q_f, k, scale, mask, group):
-    s = torch.matmul(q_f, k.transpose(-1, -2)).mul_(scale)
+def _capped(s: torch.Tensor, softcap: float, slope: bool = False):
+    """``softcap * tanh(s / softcap)`` in place (Gemma-2's logit soft-capping); 0 = off.
+
+    With ``slope`` also returns its derivative ``1 - tanh^2``, which backward multiplies into dS.
+    """
+    if not softcap:
+        return s, None
+    t = s.div_(softcap).tanh_()
+    grad = (1.0 - t * t) if slope else None
+    return t.mul_(softcap), grad
+
+
+def _scores(q_f, k, scale, mask, group, softcap: float = 0.0, slope: bool = False):
+    s, grad = _capped(torch.matmul(q_f, k.transpose(-1, -2)).mul_(scale), softcap, slope)
     if mask is not None:
         b, hkv, _, lk = s.shape
         s.view(b, hkv, group, -1, lk).masked_fill_(~mask, float("-inf"))
-    return s
+    return (s, grad) if slope else s
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
@@ -91,16 +103,17 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
 
 
 def torch_block_forward(q, k, v, out, lse, q_pos, k_pos, *, scale: float, causal: bool,
-                        mask_fn=None, fill: float = float("-inf")) -> None:
+                        mask_fn=None, fill: float = float("-inf"), softcap: float = 0.0) -> None:
     """Attend ``q`` to the block (``k``, ``v``) and merge into (``out``, ``lse``) in place.
 
     ``mask_fn(q_pos_piece, k_pos_piece) -> Tensor``: a block mask already bound to its arguments
     (bool keep-mask or float additive bias, broadcastable to ``[B, H, Lq, Lk]``); ``fill``: the score
     of every hidden key (causal or bool mask). With either, ``lse`` is the two-part extended state
-    ``[2, B, H, Lq]`` (see the module docstring; start it at ``(-inf, 0)``).
+    ``[2, B, H, Lq]`` (see the module docstring; start it at ``(-inf, 0)``). ``softcap`` (0 = off):
+    scores become ``softcap * tanh(score / softcap)`` before the mask, as Gemma-2 computes them.
     """
     if _extended(mask_fn, fill):
-        return _masked_forward(q, k, v, out, lse, q_pos, k_pos, scale, causal, mask_fn, fill)
+        return _masked_forward(q, k, v, out, lse, q_pos, k_pos, scale, causal, mask_fn, fill, softcap)
     b, h, lq, d = q.shape
     hkv = k.shape[1]
     group = h // hkv
@@ -110,7 +123,7 @@ def torch_block_forward(q, k, v, out, lse, q_pos, k_pos, *, scale: float, causal
         q_f = _fold(q, hkv, qs, ql)
         k_blk = k[:, :, ks : ks + kl].float()
         v_blk = v[:, :, ks : ks + kl].float()
-        s = _scores(q_f, k_blk, scale, mask, group)
+        s = _scores(q_f, k_blk, scale, mask, group, softcap)
         blk_lse = torch.logsumexp(s, dim=-1)
         p = s.sub_(_finite(blk_lse).unsqueeze(-1)).exp_()  # in place: one score tile per piece
         blk_out = torch.matmul(p, v_blk).view(b, hkv, group, ql, -1)
@@ -125,15 +138,16 @@ def torch_block_forward(q, k, v, out, lse, q_pos, k_pos, *, scale: float, causal
 
 
 def torch_block_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, *, scale: float, causal: bool,
-                         mask_fn=None, fill: float = float("-inf")) -> None:
+                         mask_fn=None, fill: float = float("-inf"), softcap: float = 0.0) -> None:
     """Accumulate this block's share of dq (into ``dq``) and of dk, dv (into ``dk``, ``dv``), in place.
 
     ``lse`` is the final log-sum-exp over all blocks and ``delta = rowsum(dO * O)``: with them each
     block's softmax probabilities are recomputed exactly, without the other blocks. ``mask_fn`` and
-    ``fill`` as in :func:`torch_block_forward` (then ``lse`` is the two-part extended state).
+    ``fill`` and ``softcap`` as in :func:`torch_block_forward` (then ``lse`` is the two-part extended state).
     """
     if _extended(mask_fn, fill):
-        return _masked_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, scale, causal, mask_fn, fill)
+        return _masked_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, scale, causal, mask_fn, fill,
+                                softcap)
     b, h, lq, d = q.shape
     hkv = k.shape[1]
     group = h // hkv
@@ -145,12 +159,15 @@ def torch_block_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, *, s
         delta_f = _fold(delta.unsqueeze(-1), hkv, qs, ql)
         k_blk = k[:, :, ks : ks + kl].float()
         v_blk = v[:, :, ks : ks + kl].float()
-        p = _scores(q_f, k_blk, scale, mask, group).sub_(_finite(lse_f)).exp_()
+        s, slope = _scores(q_f, k_blk, scale, mask, group, softcap, slope=True)
+        p = s.sub_(_finite(lse_f)).exp_()
         dv[:, :, ks : ks + kl] += torch.matmul(p.transpose(-1, -2), do_f)
         ds = p.mul_(torch.matmul(do_f, v_blk.transpose(-1, -2)).sub_(delta_f))  # p is not needed any more
+        if slope is not None:
+            ds.mul_(slope)  # through the soft-cap: d(c tanh(x/c))/dx
         dq5[:, :, :, qs : qs + ql] += torch.matmul(ds, k_blk).mul_(scale).view(b, hkv, group, ql, -1)
         dk[:, :, ks : ks + kl] += torch.matmul(ds.transpose(-1, -2), q_f).mul_(scale)
-        del p, ds  # free this tile before the next one is made
+        del s, p, ds, slope  # free this tile before the next one is made
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,22 +223,24 @@ def _piece(mask_fn, q_pos, k_pos, qs, ql, ks, kl, visible, dims, fill):
     return visible, m
 
 
-def _masked_scores(q_f, k_blk, scale, keep, bias, fill, group):
-    """fp32 scaled scores ``[B, H_kv, G*L, Lk]`` with the bias added and hidden keys set to ``fill``."""
+def _masked_scores(q_f, k_blk, scale, keep, bias, fill, group, softcap: float = 0.0, slope: bool = False):
+    """fp32 scaled (soft-capped) scores ``[B, H_kv, G*L, Lk]`` with the bias added and hidden keys set to
+    ``fill``; with ``slope``, also the soft-cap's derivative (or None)."""
     b, hkv, rows, _ = q_f.shape
     kl = k_blk.shape[2]
     if keep is False:
-        return q_f.new_full((b, hkv, rows, kl), fill)
-    s = torch.matmul(q_f, k_blk.transpose(-1, -2)).mul_(scale)
+        s = q_f.new_full((b, hkv, rows, kl), fill)
+        return (s, None) if slope else s
+    s, grad = _capped(torch.matmul(q_f, k_blk.transpose(-1, -2)).mul_(scale), softcap, slope)
     s5 = s.view(b, hkv, group, rows // group, kl)
     if bias is not None:
         s5.add_(bias.to(torch.float32))
     if keep is not None:
         s5.masked_fill_(~keep, fill)
-    return s
+    return (s, grad) if slope else s
 
 
-def _masked_forward(q, k, v, out, lse, q_pos, k_pos, scale, causal, mask_fn, fill) -> None:
+def _masked_forward(q, k, v, out, lse, q_pos, k_pos, scale, causal, mask_fn, fill, softcap=0.0) -> None:
     b, h, lq, _ = q.shape
     hkv = k.shape[1]
     group = h // hkv
@@ -237,7 +256,8 @@ def _masked_forward(q, k, v, out, lse, q_pos, k_pos, scale, causal, mask_fn, fil
         if piece is None:
             continue
         keep, bias = piece
-        s = _masked_scores(_fold(q, hkv, qs, ql), k[:, :, ks : ks + kl].float(), scale, keep, bias, fill, group)
+        s = _masked_scores(_fold(q, hkv, qs, ql), k[:, :, ks : ks + kl].float(), scale, keep, bias, fill, group,
+                           softcap)
         blk_max = s.amax(-1, keepdim=True)
         e = s.sub_(_finite(blk_max)).exp_()
         blk_sum = e.sum(-1, keepdim=True)
@@ -258,7 +278,8 @@ def _masked_forward(q, k, v, out, lse, q_pos, k_pos, scale, causal, mask_fn, fil
         lo.copy_(torch.log(norm))  # 0 while no key is seen: the state is then (-inf, 0)
 
 
-def _masked_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, scale, causal, mask_fn, fill) -> None:
+def _masked_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, scale, causal, mask_fn, fill,
+                     softcap=0.0) -> None:
     b, h, lq, _ = q.shape
     hkv = k.shape[1]
     group = h // hkv
@@ -276,13 +297,15 @@ def _masked_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, scale, c
         lo_f = _fold(lse[1].unsqueeze(-1), hkv, qs, ql)
         k_blk = k[:, :, ks : ks + kl].float()
         v_blk = v[:, :, ks : ks + kl].float()
-        s = _masked_scores(q_f, k_blk, scale, keep, bias, fill, group)
+        s, slope = _masked_scores(q_f, k_blk, scale, keep, bias, fill, group, softcap, slope=True)
         p = s.sub_(_finite(hi_f)).sub_(lo_f).exp_()
         dv[:, :, ks : ks + kl] += torch.matmul(p.transpose(-1, -2), do_f)
         if keep is False:
             continue  # every score is the constant fill: nothing flows to q or k
         delta_f = _fold(delta.unsqueeze(-1), hkv, qs, ql)
         ds = p.mul_(torch.matmul(do_f, v_blk.transpose(-1, -2)).sub_(delta_f))
+        if slope is not None:
+            ds.mul_(slope)  # through the soft-cap
         if finite_fill and keep is not None:
             ds.view(b, hkv, group, ql, kl).masked_fill_(~keep, 0.0)  # a filled score is a constant
         dq5[:, :, :, qs : qs + ql] += torch.matmul(ds, k_blk).mul_(scale).view(b, hkv, group, ql, -1)

@@ -44,11 +44,19 @@ def _extended(mask: str, fill: float) -> bool:
     return bool(mask) or fill != float("-inf")
 
 
-def _block_kernels(device_type: str, mask: str, fill: float):
-    """The block kernels for a call: masks and finite fills only exist in the plain-torch kernels."""
-    if _extended(mask, fill):
+def _block_kernels(device_type: str, mask: str, fill: float, softcap: float = 0.0):
+    """The block kernels for a call: masks, finite fills and soft-capping only exist in the plain-torch kernels."""
+    if _extended(mask, fill) or softcap:
         return block_attention.torch_block_forward, block_attention.torch_block_backward
     return _kernels(device_type)
+
+
+def _kernel_options(mask: str, mask_args, fill: float, softcap: float) -> dict:
+    """The keyword arguments of the block kernels beyond the plain ones (the Triton kernels take none)."""
+    options = {"mask_fn": _bound_mask(mask, mask_args), "fill": fill} if _extended(mask, fill) else {}
+    if softcap:
+        options["softcap"] = softcap
+    return options
 
 
 def _bound_mask(mask: str, mask_args):
@@ -116,7 +124,7 @@ def _local_problem(q, k, v, grad_out) -> str:
 
 
 def _agree(q, k, v, group, causal: bool, layout: str, timeout_s: float, grad_out=None, mask: str = "",
-           fill: float = float("-inf")) -> list[int]:
+           fill: float = float("-inf"), softcap: float = 0.0) -> list[int]:
     """Check that all ranks call with matching inputs; return every rank's local sequence length.
 
     One tiny all-gather per call. Every rank sees the same gathered facts and so raises the same
@@ -125,7 +133,7 @@ def _agree(q, k, v, group, causal: bool, layout: str, timeout_s: float, grad_out
     rank, world = rank_and_size(group)
     problem = _local_problem(q, k, v, grad_out)
     facts = [int(bool(problem)), 0, 0, 0, 0, 0, 0, int(causal), LAYOUTS.index(layout), int(bool(mask)),
-             _fill_bits(fill)]
+             _fill_bits(fill), _fill_bits(softcap)]
     if not problem:
         b, h, s, d = q.shape
         facts[1:7] = [b, h, k.shape[1], s, d, _DTYPES.index(q.dtype)]
@@ -134,7 +142,8 @@ def _agree(q, k, v, group, causal: bool, layout: str, timeout_s: float, grad_out
         problems = all_gather_strings(problem, group)
         lines = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
         raise RingInputError("ring_attention got bad input:\n  " + "\n  ".join(lines))
-    names = ("", "batch", "query heads", "kv heads", "", "head dim", "dtype", "causal", "layout", "mask", "fill")
+    names = ("", "batch", "query heads", "kv heads", "", "head dim", "dtype", "causal", "layout", "mask", "fill",
+             "softcap")
     for i, name in enumerate(names):
         values = [f[i] for f in gathered]
         if name and len(set(values)) > 1:
@@ -144,7 +153,7 @@ def _agree(q, k, v, group, causal: bool, layout: str, timeout_s: float, grad_out
                 values = [LAYOUTS[x] for x in values]
             elif name == "mask":
                 values = ["a block mask" if x else "none" for x in values]
-            elif name == "fill":
+            elif name in ("fill", "softcap"):
                 values = [_bits_fill(x) for x in values]
             raise RingInputError(
                 f"ring_attention: ranks disagree on {name}: " + ", ".join(f"rank {r}: {x}" for r, x in enumerate(values))
@@ -207,18 +216,18 @@ class _Ring:
 
 
 def ring_forward(q, k, v, group, causal: bool, scale: float, layout: str, timeout_s: float, mask: str = "",
-                 mask_args=(), fill: float = float("-inf")):
+                 mask_args=(), fill: float = float("-inf"), softcap: float = 0.0):
     """(out in q's dtype, lse fp32) of this rank's queries against the whole sequence.
 
     lse is ``[B, H, S_local]``, or with a block mask or a finite fill the two-part state
     ``[2, B, H, S_local]`` (row maximum, log of the sum relative to it) of the torch kernels.
     """
-    lengths = _agree(q, k, v, group, causal, layout, timeout_s, mask=mask, fill=fill)
+    lengths = _agree(q, k, v, group, causal, layout, timeout_s, mask=mask, fill=fill, softcap=softcap)
     ring = _Ring(q, k, group, causal, layout, timeout_s, lengths, fill)
-    forward_block, _ = _block_kernels(q.device.type, mask, fill)
-    masking = {"mask_fn": _bound_mask(mask, mask_args), "fill": fill} if _extended(mask, fill) else {}
+    forward_block, _ = _block_kernels(q.device.type, mask, fill, softcap)
+    options = _kernel_options(mask, mask_args, fill, softcap)
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    if masking:
+    if _extended(mask, fill):
         lse = torch.zeros((2, *q.shape[:-1]), dtype=torch.float32, device=q.device)
         lse[0] = float("-inf")
     else:
@@ -233,7 +242,7 @@ def ring_forward(q, k, v, group, causal: bool, scale: float, layout: str, timeou
             incoming = ring.view(buffers[(step + 1) % 2], ring.source(step + 1))
             in_flight = ring.comm.exchange(kv, incoming, _KV_TAG)
         if ring.visible(src):
-            forward_block(q, kv[0], kv[1], out, lse, q_pos, ring.positions[src], scale=scale, causal=causal, **masking)
+            forward_block(q, kv[0], kv[1], out, lse, q_pos, ring.positions[src], scale=scale, causal=causal, **options)
         if step + 1 < ring.world:
             ring.comm.wait(in_flight, f"receiving key/value block {step + 1} of {ring.world}")
             kv = incoming
@@ -241,12 +250,13 @@ def ring_forward(q, k, v, group, causal: bool, scale: float, layout: str, timeou
 
 
 def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float, layout: str, timeout_s: float,
-                  mask: str = "", mask_args=(), fill: float = float("-inf")):
+                  mask: str = "", mask_args=(), fill: float = float("-inf"), softcap: float = 0.0):
     """(dq, dk, dv) for this rank's shards; dK/dV travel the ring one step behind their blocks."""
-    lengths = _agree(q, k, v, group, causal, layout, timeout_s, grad_out=grad_out, mask=mask, fill=fill)
+    lengths = _agree(q, k, v, group, causal, layout, timeout_s, grad_out=grad_out, mask=mask, fill=fill,
+                     softcap=softcap)
     ring = _Ring(q, k, group, causal, layout, timeout_s, lengths, fill)
-    _, backward_block = _block_kernels(q.device.type, mask, fill)
-    masking = {"mask_fn": _bound_mask(mask, mask_args), "fill": fill} if _extended(mask, fill) else {}
+    _, backward_block = _block_kernels(q.device.type, mask, fill, softcap)
+    options = _kernel_options(mask, mask_args, fill, softcap)
     delta = (grad_out.float() * out.float()).sum(-1)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     q_pos = ring.positions[ring.rank]
@@ -263,7 +273,7 @@ def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float
         block_grads = torch.zeros(ring.block_shapes[src], dtype=torch.float32, device=q.device)
         if ring.visible(src):
             backward_block(q, kv[0], kv[1], grad_out, lse, delta, dq, block_grads[0], block_grads[1],
-                           q_pos, ring.positions[src], scale=scale, causal=causal, **masking)
+                           q_pos, ring.positions[src], scale=scale, causal=causal, **options)
         if ring.world > 1:
             # add the shares of the ranks before us, then pass the accumulator on
             if grads_in_flight is not None:
@@ -288,15 +298,17 @@ def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float
 @torch.library.custom_op("ringify::ring_attention", mutates_args=())
 def ring_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: str, causal: bool, scale: float, layout: str,
-    timeout: float, mask: str, mask_args: list[torch.Tensor], fill: float,
+    timeout: float, mask: str, mask_args: list[torch.Tensor], fill: float, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse). ``mask``: key of a registered block mask ("" = none), called with ``mask_args``;
-    ``fill``: score of hidden keys. lse is [2, B, H, S_local] when ``mask`` or a finite ``fill``."""
-    return ring_forward(q, k, v, resolve_group(group), causal, scale, layout, timeout, mask, mask_args, fill)
+    ``fill``: score of hidden keys; ``softcap``: 0 or the logit cap. lse is [2, B, H, S_local] when
+    ``mask`` or a finite ``fill``."""
+    return ring_forward(q, k, v, resolve_group(group), causal, scale, layout, timeout, mask, mask_args, fill,
+                        softcap)
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, group, causal, scale, layout, timeout, mask, mask_args, fill):
+def _(q, k, v, group, causal, scale, layout, timeout, mask, mask_args, fill, softcap):
     lse_shape = (2, *q.shape[:-1]) if _extended(mask, fill) else q.shape[:-1]
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -305,30 +317,31 @@ def _(q, k, v, group, causal, scale, layout, timeout, mask, mask_args, fill):
 def ring_attention_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, group: str, causal: bool, scale: float, layout: str, timeout: float, mask: str,
-    mask_args: list[torch.Tensor], fill: float,
+    mask_args: list[torch.Tensor], fill: float, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ring_backward(grad_out, q, k, v, out, lse, resolve_group(group), causal, scale, layout, timeout,
-                         mask, mask_args, fill)
+                         mask, mask_args, fill, softcap)
 
 
 @ring_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, group, causal, scale, layout, timeout, mask, mask_args, fill):
+def _(grad_out, q, k, v, out, lse, group, causal, scale, layout, timeout, mask, mask_args, fill, softcap):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, like the real outputs
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, group, causal, scale, layout, timeout, mask, mask_args, fill = inputs
+    q, k, v, group, causal, scale, layout, timeout, mask, mask_args, fill, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *mask_args)
     ctx.mark_non_differentiable(lse)
     ctx.options = (group, causal, scale, layout, timeout, mask)
-    ctx.fill = fill
+    ctx.fill, ctx.softcap = fill, softcap
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, *mask_args = ctx.saved_tensors
-    dq, dk, dv = ring_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, *ctx.options, mask_args, ctx.fill)
-    return dq, dk, dv, None, None, None, None, None, None, [None] * len(mask_args), None
+    dq, dk, dv = ring_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, *ctx.options, mask_args,
+                                            ctx.fill, ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None, None, [None] * len(mask_args), None, None
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -336,7 +349,7 @@ ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def ring_attention(q, k, v, group=None, *, causal: bool = False, scale: float | None = None,
                    layout: str = "zigzag", timeout: float | None = None, mask=None, mask_args=(),
-                   fill: float = float("-inf")) -> torch.Tensor:
+                   fill: float = float("-inf"), softcap: float = 0.0) -> torch.Tensor:
     """Exact attention of the global sequence for this rank's queries.
 
     q: ``[B, H, S_local, D]``; k, v: ``[B, H_kv, S_local, D]`` with ``H % H_kv == 0`` (GQA/MQA without
@@ -353,8 +366,10 @@ def ring_attention(q, k, v, group=None, *, causal: bool = False, scale: float | 
     ``fill``: the score a hidden key takes (causal or bool mask): -inf (hidden keys weigh nothing;
     rows with no visible key give 0) or a finite value such as ``torch.finfo(dtype).min``, reproduced
     exactly (a row whose keys are all filled gets a uniform softmax, as in the unsharded model).
-    Calls with a mask or a finite fill run the plain-torch block kernels, also on CUDA (the Triton
-    kernels take no masks).
+    ``softcap``: Gemma-2's logit soft-capping, scores ``softcap * tanh(score / softcap)`` before the
+    mask (0 = off).
+    Calls with a mask, a finite fill or a soft-cap run the plain-torch block kernels, also on CUDA (the
+    Triton kernels take none of them).
     """
     check_layout(layout)
     if scale is None:
@@ -372,6 +387,9 @@ def ring_attention(q, k, v, group=None, *, causal: bool = False, scale: float | 
             fill = float("-inf")  # nothing is hidden: the fill cannot matter
     else:
         key = mask if isinstance(mask, str) else register_block_mask(mask)
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be 0 (off) or a positive number, got {softcap}")
     out, _ = ring_attention_op(q, k, v, group_name(group), bool(causal), float(scale), layout, float(timeout),
-                               key, list(mask_args), fill)
+                               key, list(mask_args), fill, softcap)
     return out

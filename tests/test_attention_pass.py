@@ -399,11 +399,19 @@ def test_hf_bert_padding_mask(seed):
 
 
 class SoftCapped(nn.Module):
-    """Gemma-2 style logit soft-capping: tanh between q @ k^T and softmax."""
+    """Gemma-2 style logit soft-capping: tanh between q @ k^T and the (additive) mask."""
 
-    def forward(self, q, k, v):
+    def __init__(self, cap: float = 2.0, after_mask: bool = False):
+        super().__init__()
+        self.cap, self.after_mask = cap, after_mask
+
+    def forward(self, q, k, v, bias):
         s = q @ k.transpose(-1, -2) * SCALE
-        s = torch.tanh(s / 50.0) * 50.0
+        if self.after_mask:
+            s = s + bias
+        s = torch.tanh(s / self.cap) * self.cap
+        if not self.after_mask:
+            s = s + bias
         return s.softmax(-1) @ v
 
 
@@ -439,7 +447,8 @@ def qkv(s=9):
 
 
 REFUSED = {
-    "soft_cap": (SoftCapped(), qkv(), ({2: AUTO},) * 3, "tanh"),
+    "soft_cap_after_mask": (SoftCapped(after_mask=True), qkv() + (torch.randn(2, 1, 9, 9),),
+                            ({2: AUTO},) * 3 + ({2: AUTO, 3: AUTO},), "after a mask"),
     "returns_weights": (ReturnsWeights(), (torch.randn(2, 9, D_MODEL),), ({1: AUTO},), "need_weights=False"),
     "two_masks": (TwoMasks(), qkv() + (torch.randn(2, 1, 9, 9), torch.rand(2, 1, 9, 9) > 0.2),
                   ({2: AUTO},) * 3 + ({2: AUTO, 3: AUTO},) * 2, "second mask"),
@@ -461,6 +470,20 @@ def test_refused_with_clear_error(name):
     assert re.search(r"test_attention_pass\.py:\d+: ", msg), msg  # the user's line, not torch's
     assert ("module mha (" if name == "returns_weights" else "module <root> (") in msg
     assert gm.code == code  # nothing was changed
+
+
+@pytest.mark.parametrize("cap", [2.0, -3.0])  # c * tanh(s / c) is even in c
+def test_soft_capped_scores(seed, cap):
+    """Gemma-2's soft-cap becomes attention(..., softcap=|c|); the graph computes the same function."""
+    torch.manual_seed(seed)
+    model = SoftCapped(cap)
+    args = qkv() + (torch.randn(2, 1, 9, 9),)
+    gm = export(model, args, dynamic_shapes=({2: AUTO},) * 3 + ({2: AUTO, 3: AUTO},))
+    (m,) = canonicalize_attention(gm)
+    assert m.softcap == abs(cap) and m.scale == pytest.approx(SCALE) and m.mask_kind == "add"
+    assert m.summary()["softcap"] == abs(cap) and not calls(gm, aten.tanh.default)
+    again = tuple(torch.randn(2, HEADS, 13, HEAD_DIM) for _ in range(3)) + (torch.randn(2, 1, 13, 13),)
+    assert rel(gm(*again), model(*again)) < 1e-6
 
 
 def test_softmax_that_is_not_attention_is_left_alone():

@@ -89,21 +89,26 @@ def alibi_bias(q_pos, k_pos):
     return -torch.tensor([0.1, 0.2, 0.3, 0.4])[None, :, None, None] * (q_pos[:, None] - k_pos[None, :]).abs()
 
 
-# (mask_fn, fill, causal): the plain causal state, and the extended state with bool / float masks
+# (mask_fn, fill, causal, softcap): the plain causal state, the extended state with bool / float masks,
+# and Gemma-2's logit soft-capping on both (a cap of 1.5 bends most of these scores)
 TILED = {
-    "causal": (None, float("-inf"), True),
-    "docs_finite_fill": (doc_mask, FP32_MIN, True),
-    "docs_neg_inf": (doc_mask, float("-inf"), False),
-    "bias_finite_fill": (alibi_bias, FP32_MIN, True),
+    "causal": (None, float("-inf"), True, 0.0),
+    "docs_finite_fill": (doc_mask, FP32_MIN, True, 0.0),
+    "docs_neg_inf": (doc_mask, float("-inf"), False, 0.0),
+    "bias_finite_fill": (alibi_bias, FP32_MIN, True, 0.0),
+    "causal_softcap": (None, float("-inf"), True, 1.5),
+    "bias_finite_fill_softcap": (alibi_bias, FP32_MIN, True, 1.5),
 }
 
 
-def full_softmax(q, k, v, do, q_pos, k_pos, scale, mask_fn, fill, causal):
+def full_softmax(q, k, v, do, q_pos, k_pos, scale, mask_fn, fill, causal, softcap=0.0):
     """fp64 softmax over the whole block (one piece), with autograd: (out, lse, dq, dk, dv)."""
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     group = q.shape[1] // k.shape[1]
     kd, vd = (t.repeat_interleave(group, dim=1) for t in leaves[1:])
     s = leaves[0] @ kd.transpose(-1, -2) * scale
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     keep = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
     if mask_fn is not None:
         m = mask_fn(q_pos, k_pos)
@@ -135,7 +140,7 @@ def test_tiles_match_full_softmax(seed, monkeypatch, tile, case, positions, kv_h
         q_pos = k_pos = torch.arange(lq)
     else:  # the query shard of rank 0 against the key block of rank 1, on a ring of two
         q_pos, k_pos = (layout_positions(2 * lq + 1, 2, rank, positions) for rank in (0, 1))
-    mask_fn, fill, causal = TILED[case]
+    mask_fn, fill, causal, softcap = TILED[case]
     g = torch.Generator().manual_seed(seed)
     q, do = (torch.randn(2, 4, len(q_pos), 8, generator=g) for _ in range(2))
     k, v = (torch.randn(2, kv_heads, len(k_pos), 8, generator=g) for _ in range(2))
@@ -148,13 +153,13 @@ def test_tiles_match_full_softmax(seed, monkeypatch, tile, case, positions, kv_h
     lse = torch.zeros(2, 2, 4, len(q_pos)) if extended else torch.full((2, 4, len(q_pos)), float("-inf"))
     if extended:
         lse[0] = float("-inf")
-    kw = dict(scale=0.3, causal=causal, mask_fn=mask_fn, fill=fill)
+    kw = dict(scale=0.3, causal=causal, mask_fn=mask_fn, fill=fill, softcap=softcap)
     torch_block_forward(q, k, v, out, lse, q_pos, k_pos, **kw)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     torch_block_backward(q, k, v, do, lse, (do * out).sum(-1), dq, dk, dv, q_pos, k_pos, **kw)
 
     assert len(pieces) > 2 and all(ql <= size and kl <= size for _, ql, _, kl in pieces)
-    ref_out, ref_lse, *ref_grads = full_softmax(q, k, v, do, q_pos, k_pos, 0.3, mask_fn, fill, causal)
+    ref_out, ref_lse, *ref_grads = full_softmax(q, k, v, do, q_pos, k_pos, 0.3, mask_fn, fill, causal, softcap)
     ours_lse = lse[0] + lse[1] if extended else lse
     seen = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(ours_lse), seen)

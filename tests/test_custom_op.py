@@ -34,12 +34,14 @@ def mask_case(kind, seed, seq_len=13):
     return register_block_mask(additive), [bias], torch.finfo(torch.float32).min
 
 
+@pytest.mark.parametrize("softcap", [0.0, 1.5])
 @pytest.mark.parametrize("mask", ["none", "padding", "additive"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_opcheck(seed, causal, mask):
+def test_opcheck(seed, causal, mask, softcap):
     """Schema, fake implementation, autograd registration and dispatch all agree (single process)."""
     q, k, v = (t.requires_grad_() for t in random_qkv(seed))
-    torch.library.opcheck(ring_attention_op, (q, k, v, "", causal, 0.35, "zigzag", 30.0, *mask_case(mask, seed)))
+    torch.library.opcheck(ring_attention_op,
+                          (q, k, v, "", causal, 0.35, "zigzag", 30.0, *mask_case(mask, seed), softcap))
 
 
 class Attention(torch.nn.Module):

@@ -108,3 +108,13 @@ def test_packed_documents_are_independent(seed):
             for lo, hi in zip(starts, starts[1:]):
                 alone = zm.model(input_ids=kw["input_ids"][b:b + 1, lo:hi], use_cache=False).logits
                 torch.testing.assert_close(packed[b:b + 1, lo:hi], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("gemma2_softcap_swa" not in ZOO, reason="transformers not installed")
+def test_gemma2_soft_cap_bends_the_scores(seed):
+    """The soft-cap changes the function: a rewrite that dropped it would fail the ringify tests."""
+    capped, plain = ZOO["gemma2_softcap_swa"](), ZOO["gemma2_softcap_swa"](attn_logit_softcapping=None)
+    _, kw = capped.make_inputs(seed, SEQ)
+    with torch.no_grad():
+        a, b = capped.model(**kw).logits, plain.model(**kw).logits
+    assert ((a - b).norm() / b.norm()).item() > 1e-2

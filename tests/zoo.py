@@ -215,10 +215,16 @@ def gemma(train: bool = False) -> ZooModel:
     return ZooModel("gemma", model, _causal_lm_inputs)
 
 
-def gemma2(train: bool = False) -> ZooModel:
-    """Gemma2ForCausalLM (eager): tanh soft-capped attention scores and logits, alternating sliding window 4."""
+def gemma2(train: bool = False, attn_logit_softcapping: float | None = 1.0) -> ZooModel:
+    """Gemma2ForCausalLM (eager): tanh soft-capped attention scores and logits, alternating sliding window 4.
+
+    Weights are drawn larger (std 0.2) and the cap is 1, so the cap bends the scores: with the default
+    init the scores are ~1e-3 and a cap of 50 would change nothing a test could see.
+    """
     model = _hf("Gemma2ForCausalLM", "Gemma2Config", train,
-                **_decoder_cfg(head_dim=HIDDEN // HEADS, sliding_window=4, attn_implementation="eager"))
+                **_decoder_cfg(head_dim=HIDDEN // HEADS, sliding_window=4, attn_implementation="eager",
+                               attn_logit_softcapping=attn_logit_softcapping, initializer_range=0.2,
+                               query_pre_attn_scalar=HIDDEN // HEADS))
     return ZooModel("gemma2_softcap_swa", model, _causal_lm_inputs)
 
 
