@@ -1,10 +1,9 @@
-import os
 import random
 
 import pytest
-import torch
 
 from ringify.launch import LocalRanks
+from triton_interpret import ON_CPU, interpret_mode
 
 
 def _import_triton_interpretable() -> None:
@@ -15,19 +14,13 @@ def _import_triton_interpretable() -> None:
     tests (tests/test_triton_kernels.py) could not run in the interpreter and would skip in ``make test``.
     The variable is put back at once: the package's own kernel module still sees it unset.
     """
-    if torch.cuda.is_available():
+    if not ON_CPU:
         return
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        pass
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    with interpret_mode():
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            pass
 
 
 _import_triton_interpretable()

@@ -9,34 +9,19 @@ imported triton first, nothing can be interpreted in this process and the module
 none of this applies: the package's module runs compiled. Shapes are small: the interpreter is slow.
 """
 
-import contextlib
 import importlib
 import importlib.util
 import math
-import os
 
 import pytest
 import torch
+
+from triton_interpret import interpret_mode
 
 KERNELS = "ringify.runtime.triton_attention"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = 1e-5
 LOW_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
-
-
-@contextlib.contextmanager
-def interpret_mode():
-    """TRITON_INTERPRET=1 inside (on CPU), as it was outside."""
-    saved = os.environ.get("TRITON_INTERPRET")
-    if DEVICE == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
 
 
 with interpret_mode():
