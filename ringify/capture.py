@@ -130,11 +130,37 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, seq_dim: int = 1,
         return capture_export(model, args, kwargs, seq_dim)
     except Exception as export_err:  # noqa: BLE001 - fall back, then report both
         if frontend == "export":
-            raise _export_refusal(model, export_err) from export_err
+            raise _model_error(model, args, kwargs) or _export_refusal(model, export_err) from export_err
         try:
             return capture_symbolic_trace(model, args, kwargs, seq_dim)
         except Exception as fx_err:  # noqa: BLE001
-            raise _export_refusal(model, export_err, fx_err) from export_err
+            raise _model_error(model, args, kwargs) or _export_refusal(model, export_err, fx_err) from export_err
+
+
+def _model_error(model: torch.nn.Module, args: tuple, kwargs: dict) -> UnsupportedModelError | None:
+    """When capture fails: does the untouched model itself raise on these inputs? Then that is the error.
+
+    Export reports a model's own check on a symbol (``sequence of length s75 is longer than 256``); the
+    eager run names the real values. Run in eval mode without grad (no dropout, no running statistics
+    updated), then put the mode back; only on this failure path.
+    """
+    if isinstance(model, torch.fx.GraphModule) or not isinstance(model, torch.nn.Module):
+        return None
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.no_grad():
+            model.eval()(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - the model's own error, reported as it is
+        first = (str(err).strip().splitlines() or [""])[0]
+        return UnsupportedModelError(
+            f"{type(model).__name__} itself raises on these inputs, before any rewrite: {type(err).__name__}: "
+            f"{first}\nHint: check the inputs (the sequence length, --seq-len on the command line) against what "
+            "the model accepts."
+        )
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return None
 
 
 def capture_export(model: torch.nn.Module, args: tuple, kwargs: dict, seq_dim: int = 1) -> Captured:

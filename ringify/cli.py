@@ -43,8 +43,11 @@ def _hint(err: BaseException) -> str:
     from .errors import UnsupportedModelError
     from .saved import UnsafeArchiveError
 
-    if isinstance(err, UnsupportedModelError):
-        return ""  # its message carries its own hint
+    if isinstance(err, UnsupportedModelError):  # its message carries its own hint, maybe past the first line
+        lines = str(err).strip().splitlines()
+        if lines and "hint" in lines[0].lower():
+            return ""
+        return next((line.split(":", 1)[1].strip() for line in lines if line.lower().startswith("hint:")), "")
     if isinstance(err, UnsafeArchiveError):
         return ""
     if isinstance(err, FileNotFoundError):

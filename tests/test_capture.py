@@ -356,3 +356,16 @@ def test_sequence_as_long_as_the_mask_buffer_is_refused_with_the_fix(seed):
         rewrite(model, captured, world_size=2)
     shorter = capture(model, (), tiny_gpt_inputs(seed, 2, 23, 53))
     rewrite(model, shorter, world_size=2)  # one token shorter than the table: symbolic, rewritten
+
+
+def test_a_model_that_raises_on_its_inputs_gets_its_own_error(seed):
+    """Past max_len TinyGPT raises; export would report it on a symbol (s75), the refusal names the length."""
+    from ringify.models import TinyGPT, tiny_gpt_inputs
+
+    model = TinyGPT(vocab=53, d_model=32, n_head=4, n_layer=1, max_len=16).train()
+    with pytest.raises(UnsupportedModelError) as err:
+        capture(model, (), tiny_gpt_inputs(seed, 2, 21, 53))
+    first, *rest = str(err.value).splitlines()
+    assert "TinyGPT itself raises on these inputs" in first and "21" in first and "max_len=16" in first, first
+    assert rest and rest[0].startswith("Hint:"), rest
+    assert all(m.training for m in model.modules())  # the eager try ran in eval mode and put the mode back

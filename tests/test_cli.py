@@ -188,6 +188,12 @@ def test_unsupported_model_names_the_op():
     _one_clear_line(subprocess_cli("report", "cli_models:running_sum", "--seq-len", 16), "cumsum")
 
 
+def test_sequence_longer_than_the_model_takes_names_both():
+    done = subprocess_cli("report", "cli_models:tiny_gpt", "--seq-len", 4096)
+    _one_clear_line(done, "itself raises", "4096", "max_len=256")
+    assert "hint: check the inputs" in done.stderr, done.stderr
+
+
 def test_factory_that_returns_no_module():
     _one_clear_line(subprocess_cli("report", "cli_models:not_a_module"), "not a torch.nn.Module")
 
