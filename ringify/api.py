@@ -53,6 +53,16 @@ class RingModule(torch.nn.Module):
         return self._graphs[self._last]
 
     def forward(self, *args, **kwargs):
+        key = self._prepare(args, kwargs)
+        return self._callers[key](self._graphs[key], args, kwargs)
+
+    @torch.compiler.disable
+    def _prepare(self, args, kwargs) -> tuple:
+        """The key of this call's rewritten graph: captured and rewritten on a new input signature.
+
+        Plain Python (capture, checks, a collective): under ``torch.compile(rm)`` it runs eagerly and
+        the rewritten graph that ``forward`` calls is what gets compiled.
+        """
         key = signature(args, kwargs, self.model.training)
         if key not in self._graphs:
             seq_len = sequence_length(args, kwargs, self.seq_dim)
@@ -64,7 +74,7 @@ class RingModule(torch.nn.Module):
                 _check_identical(args, kwargs, self.group)
             self._graphs[key], self._reports[key], self._callers[key] = self._rewrite(args, kwargs, seq_len)
         self._last = key
-        return self._callers[key](self._graphs[key], args, kwargs)
+        return key
 
     def _rewrite(self, args, kwargs, seq_len: int):
         captured = self._capture(args, kwargs)

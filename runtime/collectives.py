@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import group_name, rank_and_size, resolve_group
-from .layout import layout_positions
+from .layout import cached, layout_positions
 
 
 @torch.library.custom_op("ringify::all_reduce_sum", mutates_args=())
@@ -75,7 +75,7 @@ def _positions(seq_len: int, group: str, layout: str, device: torch.device) -> t
 
 def local_positions(seq_len: int, group: str, layout: str, device: torch.device) -> torch.Tensor:
     """Sorted global positions (int64) of this rank's tokens under ``layout``."""
-    return _positions(int(seq_len), group, layout, torch.device(device))
+    return cached(_positions)(int(seq_len), group, layout, torch.device(device))
 
 
 def take_positions(x: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tensor:

@@ -43,14 +43,20 @@ def _positions(seq_len: int, world_size: int, rank: int, layout: str) -> torch.T
     return everything[rank::world_size]
 
 
+def cached(fn):
+    """``fn`` (an ``lru_cache``), or the function it wraps while torch.compile traces: the cache is Python
+    state that Dynamo would skip with a warning, and tracing the few index ops costs nothing at run time."""
+    return fn.__wrapped__ if torch.compiler.is_compiling() else fn
+
+
 def layout_positions(seq_len: int, world_size: int, rank: int, layout: str = "zigzag") -> torch.Tensor:
     """Global positions (int64, CPU, sorted ascending) of the tokens that ``rank`` holds."""
-    return _positions(seq_len, world_size, rank, layout).clone()
+    return cached(_positions)(seq_len, world_size, rank, layout).clone()
 
 
 def shard_lengths(seq_len: int, world_size: int, layout: str = "zigzag") -> list[int]:
     """Number of tokens each rank holds."""
-    return [len(_positions(seq_len, world_size, r, layout)) for r in range(world_size)]
+    return [len(cached(_positions)(seq_len, world_size, r, layout)) for r in range(world_size)]
 
 
 def contiguous_runs(positions: torch.Tensor) -> list[tuple[int, int]]:

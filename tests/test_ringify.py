@@ -352,3 +352,27 @@ def check_compiled(name: str, seed: int, seq_len: int) -> float:
 @pytest.mark.slow
 def test_rewritten_graph_compiles(ranks, seed):
     ranks(2).run(check_compiled, "nanogpt", seed, 13)
+
+
+def check_compiled_module(name: str, seed: int, backend: str) -> list[float]:
+    """``torch.compile(ringify(model))``, as a user writes it: capture and rewrite run eagerly (they are
+    compiler-disabled), the rewritten graph is compiled; a new length re-captures and recompiles."""
+    errors = []
+    model, _, _ = build(name, seed, 5)
+    ringed = copy.deepcopy(model)
+    compiled = torch.compile(ringify(ringed), backend=backend)
+    for seq_len in (13, 13, 17):
+        _, args, kwargs = build(name, seed + seq_len, seq_len)
+        ref_logits, ref_loss = _logits_and_loss(model(*args, **kwargs))
+        logits, loss = _logits_and_loss(compiled(*args, **kwargs))
+        ref_loss.backward()
+        loss.backward()  # gradients accumulate over the three calls on both sides
+        errors += [relative_error(logits, ref_logits), relative_error(loss, ref_loss)]
+    errors += [relative_error(p.grad, q.grad) for p, q in zip(ringed.parameters(), model.parameters())]
+    assert max(errors) < 1e-5, errors
+    return errors
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_ringified_module_compiles(ranks, seed, backend):
+    ranks(2).run(check_compiled_module, "llama-sdpa", seed, backend)
