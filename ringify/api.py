@@ -18,6 +18,7 @@ from .passes.attention import canonicalize_attention
 from .passes.ffn import chunk_feed_forward, symbolic_token_dim
 from .passes.shard import shard_graph
 from .report import Report, build_report
+from .runtime.collectives import local_positions
 from .runtime.comm import group_name, rank_and_size, resolve_group
 from .runtime.layout import check_layout
 
@@ -40,6 +41,7 @@ class RingModule(torch.nn.Module):
         self._callers: dict[tuple, object] = {}
         self._reports: dict[tuple, Report] = {}
         self._last: tuple | None = None
+        self._last_seq_len: int | None = None
 
     @property
     def world_size(self) -> int:
@@ -51,6 +53,16 @@ class RingModule(torch.nn.Module):
         if self._last is None:
             raise RuntimeError("ringify captures on the first call: call the module once first")
         return self._graphs[self._last]
+
+    def local_positions(self, seq_len: int | None = None, device=None) -> torch.Tensor:
+        """Global positions (sorted, int64) of the tokens this rank holds, for a sequence of ``seq_len``
+        (default: the last call's). With ``outputs="local"`` an output's sequence dim holds exactly these:
+        ``full_logits[:, rm.local_positions()] == local_logits``."""
+        if seq_len is None:
+            if self._last_seq_len is None:
+                raise RuntimeError("call the module once, or pass seq_len")
+            seq_len = self._last_seq_len
+        return local_positions(int(seq_len), self.group, self.layout, torch.device(device or "cpu"))
 
     def forward(self, *args, **kwargs):
         key = self._prepare(args, kwargs)
@@ -64,8 +76,8 @@ class RingModule(torch.nn.Module):
         the rewritten graph that ``forward`` calls is what gets compiled.
         """
         key = signature(args, kwargs, self.model.training)
+        seq_len = self._last_seq_len = sequence_length(args, kwargs, self.seq_dim)
         if key not in self._graphs:
-            seq_len = sequence_length(args, kwargs, self.seq_dim)
             world = self.world_size
             if seq_len < world:
                 raise ValueError(f"the sequence has {seq_len} tokens but the ring has {world} ranks: each rank "
@@ -181,6 +193,7 @@ def _check_identical(args, kwargs, group: str) -> None:
 def ringify(model: torch.nn.Module, mesh=None, **options) -> RingModule:
     """Rewrite ``model`` so each rank of ``mesh`` (1-D DeviceMesh, ProcessGroup, or None = default group)
     holds only its shard of the sequence. Options: ``layout`` ('zigzag', 'contiguous', 'striped'),
-    ``outputs`` ('full' or 'local'), ``sync_grads`` (sum parameter gradients over ranks in backward),
+    ``outputs`` ('full' or 'local': this rank's tokens, at ``rm.local_positions()``), ``sync_grads`` (sum
+    parameter gradients over ranks in backward; off when DDP/FSDP over the same ranks sums them),
     ``seq_dim`` (the inputs' sequence dim, 1), ``ffn_chunk_tokens`` (feed-forward chunk, None = off)."""
     return RingModule(model, mesh, **options)

@@ -238,6 +238,60 @@ def test_single_process(seed):
     check_model("llama-sdpa", seed, 11)
 
 
+# ------------------------------------------------------------------------------- options and groups
+
+
+def check_options(name: str, seed: int, seq_len: int) -> dict:
+    """outputs="local" with rm.local_positions(); a loss the user computes from gathered logits on every
+    rank; sync_grads=False (partial grads whose sum is the single-device grad); a 1-D DeviceMesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model, args, kwargs = build(name, seed, seq_len)
+    weights = torch.randn(2, seq_len, VOCAB, generator=torch.Generator().manual_seed(seed + 7))
+    reference = copy.deepcopy(model)
+    ref_logits, ref_loss = _logits_and_loss(reference(*args, **kwargs))
+    (ref_logits * weights).sum().backward()  # the user's own loss, on the full logits
+    ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    errors = {}
+
+    # full outputs: every rank computes the same loss from them; the gather's backward must be right
+    full = copy.deepcopy(model)
+    logits, _ = _logits_and_loss(ringify(full, mesh)(*args, **kwargs))
+    (logits * weights).sum().backward()
+    errors["gathered-loss grads"] = max(relative_error(p.grad, ref_grads[n]) for n, p in full.named_parameters())
+
+    # local outputs: this rank's tokens at rm.local_positions(); the loss inside the model is still global
+    local = copy.deepcopy(model)
+    rm = ringify(local, mesh, outputs="local")
+    shard, loss = _logits_and_loss(rm(*args, **kwargs))
+    positions = rm.local_positions()
+    assert shard.shape[1] == len(positions) < seq_len
+    errors["local logits"] = relative_error(shard, ref_logits[:, positions])
+    errors["local loss"] = relative_error(loss, ref_loss)
+    (shard * weights[:, positions]).sum().backward()  # each rank's part of the user's loss: grads sum over ranks
+    errors["local-loss grads"] = max(relative_error(p.grad, ref_grads[n]) for n, p in local.named_parameters())
+
+    # sync_grads=False: each rank keeps its partial gradient (for DDP/FSDP to sum); the sum is exact
+    partial = copy.deepcopy(model)
+    logits, _ = _logits_and_loss(ringify(partial, mesh, sync_grads=False)(*args, **kwargs))
+    (logits * weights).sum().backward()
+    worst = 0.0
+    for n, p in partial.named_parameters():
+        summed = p.grad.clone()
+        dist.all_reduce(summed)
+        worst = max(worst, relative_error(summed, ref_grads[n]))
+    errors["summed partial grads"] = worst
+    assert max(errors.values()) < 1e-5, errors
+    return errors
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_outputs_sync_grads_and_device_mesh(ranks, seed, world_size):
+    ranks(world_size).run(check_options, "nanogpt", seed, 6 * world_size + 1)
+
+
 # ------------------------------------------------------------------------------------- refusals
 
 
