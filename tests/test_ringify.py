@@ -365,6 +365,21 @@ def test_refuses_differently_flattened_tokens(seed):
         rm(torch.randn(2, 9, 16))
 
 
+def _inputs_differ(seed):
+    import torch.distributed as dist
+
+    model, args, _ = build("nanogpt", seed, 11)
+    _, other, _ = build("nanogpt", seed + 1 + dist.get_rank(), 11)  # a different batch on every rank
+    with pytest.raises(ValueError, match=r"inputs differ between ranks \(ranks \[1\] differ from rank 0\)"):
+        ringify(model)(*other)
+    ringify(copy.deepcopy(model))(*args)  # the same batch everywhere: accepted (the check is a collective)
+    return True
+
+
+def test_inputs_that_differ_between_ranks_are_refused_on_every_rank(ranks, seed):
+    assert ranks(2).run(_inputs_differ, seed) == [True, True]
+
+
 def test_world_larger_than_sequence(ranks):
     ranks(3).run(_too_short)
 
