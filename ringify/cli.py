@@ -57,6 +57,15 @@ def _hint(err: BaseException) -> str:
     return "run with --debug for the traceback"
 
 
+def _print_markdown(text: str) -> None:
+    """Rendered on a terminal; as plain Markdown when piped (Rich would cut module paths and source lines
+    to 80 columns there), ready for a file, a CI log or a pull request."""
+    if console.is_terminal:
+        console.print(Markdown(text))
+    else:
+        print(text, flush=True)
+
+
 @contextlib.contextmanager
 def _friendly_errors():
     """One line and a hint, exit code 1; the traceback only with ``--debug``."""
@@ -116,7 +125,7 @@ def demo(
             with LocalRanks(world_size) as ranks:
                 results = ranks.run(check_tiny_gpt, seed, seq_len, 2, layout, timeout=600)
         report = results[0]["report"]
-        console.print(Markdown(report.to_markdown()))
+        _print_markdown(report.to_markdown())
         predicted = report.cost.get("estimate", {}).get("per_device", {}) if getattr(report, "cost", None) else {}
         table = Table(title=f"TinyGPT, {world_size} ranks, {seq_len} tokens, layout {layout}, seed {seed}: "
                             "ringified vs single device (fp32)")
@@ -217,7 +226,7 @@ def report(
         if as_json:
             print(result.to_json())
         else:
-            console.print(Markdown(result.to_markdown()))
+            _print_markdown(result.to_markdown())
         if html:
             result.to_html(str(html))
             (errors if as_json else console).print(f"[green]wrote[/] {html}")

@@ -31,8 +31,8 @@ def cli(*args: str):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-def subprocess_cli(*args: str, timeout: float = 300, prefix: tuple = ()) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "COLUMNS": "200"}
+def subprocess_cli(*args: str, timeout: float = 300, prefix: tuple = (), columns: int = 200) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "COLUMNS": str(columns)}
     command = [*prefix, *([str(RINGIFY)] if not prefix else []), *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=TESTS)
 
@@ -83,6 +83,14 @@ def test_report_json_names_every_layer_and_its_costs(tmp_path):
         assert layer["ffn"]
     assert report["cost"]["estimate"]["hardware"]["name"] == "a100-nvlink"
     assert html.stat().st_size > 10_000 and "data:image/png;base64" in html.read_text()
+
+
+def test_piped_report_is_plain_markdown_with_whole_paths():
+    """Piped (not a terminal) the report is its Markdown: no column cut to 80 characters with an ellipsis."""
+    done = subprocess_cli("report", "cli_models:tiny_gpt", "--world-size", 2, "--seq-len", 64, columns=80)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| layer | attention | mask | GQA | feed-forward | source |" in done.stdout, done.stdout
+    assert "\u2026" not in done.stdout and "ringify/models.py:" in done.stdout, done.stdout
 
 
 def test_report_lists_hardware_profiles():
