@@ -30,7 +30,7 @@ TABLE = "table"  # rows 0..S of a fixed table (Bert's position_ids buffer): beco
 # views and data movement that keep each token's data on its token (checked dim by dim below)
 _VIEWS = {
     aten.view, aten.reshape, aten._unsafe_view, aten.transpose, aten.permute, aten.t, aten.unsqueeze,
-    aten.squeeze, aten.expand, aten.contiguous, aten.clone, aten.alias, aten.detach, aten.flatten,
+    aten.squeeze, aten.expand, aten.broadcast_to, aten.contiguous, aten.clone, aten.alias, aten.detach, aten.flatten,
     aten.unflatten, aten.view_as, aten.expand_as, aten.reshape_as, aten._to_copy, aten.to, aten.type_as,
     aten.lift_fresh_copy,
 }
@@ -191,7 +191,20 @@ def _family(node: fx.Node, symbols: set) -> str:
         return LOCAL
     if op is aten.einsum:
         return _classify_einsum(node, symbols)
+    if op is aten.index:
+        return _classify_index(node, symbols)
     return MIX
+
+
+def _classify_index(node: fx.Node, symbols: set) -> str:
+    """``x[..., [i, j]]``: picking features with fixed indices is token-local (Falcon's fused q/k/v split);
+    indexing along the tokens, or with indices that depend on them, mixes."""
+    x, indices = node.args[0], node.args[1]
+    tokens = set(token_dims(x, symbols))
+    for dim, index in enumerate(indices):
+        if index is not None and (dim in tokens or has_tokens(index, symbols)):
+            return MIX
+    return LOCAL
 
 
 def _classify_getitem(node: fx.Node, symbols: set) -> str:

@@ -1,8 +1,9 @@
 """Every model of the zoo, ringified on real gloo rings, as a new user would try it.
 
 The zoo (tests/zoo.py) holds the named models and their relatives: other decoder families (Qwen2/3,
-Gemma, Gemma2 with logit soft-capping, Gemma3, StableLM), sliding-window attention (Mistral, Gemma2),
-partial rotary (GPT-NeoX, Phi, StableLM), packed documents, padding. Each must come out the same function: logits, loss and every parameter
+Gemma, Gemma2 with logit soft-capping, Gemma3, StableLM, Phi3, Falcon, OPT, GPT-BigCode with MQA),
+encoders (RoBERTa), sliding-window attention (Mistral, Gemma2), partial rotary (GPT-NeoX, Phi,
+StableLM), packed documents, padding. Each must come out the same function: logits, loss and every parameter
 gradient within 1e-5 (fp32), in eval and train mode. The models it must refuse are refused, naming the op.
 """
 

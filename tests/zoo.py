@@ -236,6 +236,44 @@ def gemma3(train: bool = False) -> ZooModel:
     return ZooModel("gemma3", model, _causal_lm_inputs)
 
 
+def phi3(train: bool = False) -> ZooModel:
+    """Phi3ForCausalLM: fused qkv and gate/up projections, GQA."""
+    model = _hf("Phi3ForCausalLM", "Phi3Config", train,
+                **_decoder_cfg(pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0))
+    return ZooModel("phi3_fused_qkv", model, _causal_lm_inputs)
+
+
+def falcon(train: bool = False) -> ZooModel:
+    """FalconForCausalLM, new decoder architecture: fused qkv split by list indexing, 2 kv heads, parallel block."""
+    model = _hf("FalconForCausalLM", "FalconConfig", train, vocab_size=VOCAB, hidden_size=HIDDEN,
+                num_hidden_layers=LAYERS, num_attention_heads=HEADS, new_decoder_architecture=True, num_kv_heads=2,
+                hidden_dropout=0.0, attention_dropout=0.0, max_position_embeddings=256)
+    return ZooModel("falcon_gqa", model, _causal_lm_inputs)
+
+
+def opt(train: bool = False) -> ZooModel:
+    """OPTForCausalLM: learned positions offset by 2 and computed from the attention mask's cumsum; padded rows."""
+    model = _hf("OPTForCausalLM", "OPTConfig", train, vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                ffn_dim=2 * HIDDEN, num_attention_heads=HEADS, max_position_embeddings=256, word_embed_proj_dim=HIDDEN,
+                dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0)
+    return ZooModel("opt_padded", model, partial(_causal_lm_inputs, padded=True))
+
+
+def gpt_bigcode(train: bool = False) -> ZooModel:
+    """GPTBigCodeForCausalLM: multi-query attention (one kv head), learned positions."""
+    model = _hf("GPTBigCodeForCausalLM", "GPTBigCodeConfig", train, vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS,
+                n_head=HEADS, n_positions=256, multi_query=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return ZooModel("gpt_bigcode_mqa", model, _causal_lm_inputs)
+
+
+def roberta(train: bool = False) -> ZooModel:
+    """RobertaForMaskedLM: positions from the non-pad tokens' cumsum (padding_idx + 1 onwards), padding mask."""
+    model = _hf("RobertaForMaskedLM", "RobertaConfig", train, vocab_size=VOCAB, hidden_size=HIDDEN,
+                num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=2 * HIDDEN,
+                max_position_embeddings=260, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return ZooModel("roberta_mlm_padded", model, _bert_inputs)
+
+
 def gpt2(train: bool = False) -> ZooModel:
     """GPT2LMHeadModel (eager): learned positions, Conv1D projections, tied head."""
     if transformers is None:
@@ -487,6 +525,11 @@ _ZOO_CANDIDATES: dict[str, Callable[..., ZooModel]] = {
     "gemma": gemma,
     "gemma2_softcap_swa": gemma2,
     "gemma3": gemma3,
+    "phi3_fused_qkv": phi3,
+    "falcon_gqa": falcon,
+    "opt_padded": opt,
+    "gpt_bigcode_mqa": gpt_bigcode,
+    "roberta_mlm_padded": roberta,
 }
 
 REFUSE: dict[str, Callable[..., ZooModel]] = {
@@ -503,7 +546,8 @@ BUILD_FAILURES: dict[str, str] = {}
 
 _HF = {"llama_sdpa", "llama_eager", "llama_sdpa_padded", "llama_packed", "gpt2_eager", "bert_mlm_padded",
        "mistral_swa", "qwen2", "qwen3", "gpt_neox_partial_rotary", "phi_partial_rotary", "stablelm_partial_rotary",
-       "gemma", "gemma2_softcap_swa", "gemma3"}
+       "gemma", "gemma2_softcap_swa", "gemma3", "phi3_fused_qkv", "falcon_gqa", "opt_padded", "gpt_bigcode_mqa",
+       "roberta_mlm_padded"}
 ZOO: dict[str, Callable[..., ZooModel]] = {
     name: b for name, b in _ZOO_CANDIDATES.items() if transformers is not None or name not in _HF
 }
