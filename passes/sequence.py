@@ -193,7 +193,24 @@ def _family(node: fx.Node, symbols: set) -> str:
         return _classify_einsum(node, symbols)
     if op is aten.index:
         return _classify_index(node, symbols)
+    if op in _ALONG_ONE_DIM:
+        index, default = _ALONG_ONE_DIM[op]
+        dim = _dim_arg(node, index, "dim", default)
+        x = node.args[0]
+        if dim is None or not isinstance(value(x), torch.Tensor) or value(x).dim() == 0:
+            return MIX
+        return MIX if dim % value(x).dim() in token_dims(x, symbols) else LOCAL
     return MIX
+
+
+# ops along one dim (arg index of ``dim``, its default): local unless that dim holds tokens (a router's top-k
+# over experts, a cumsum over features); along the tokens they are scans, sorts and selections: mixing
+_ALONG_ONE_DIM = {
+    aten.cumsum: (1, None), aten.cumprod: (1, None), aten.logcumsumexp: (1, None), aten.cummax: (1, None),
+    aten.cummin: (1, None), aten.sort: (1, -1), aten.argsort: (1, -1), aten.topk: (2, -1), aten.kthvalue: (2, -1),
+    aten.argmax: (1, None), aten.argmin: (1, None), aten.mode: (1, -1), aten.median: (1, None),
+    aten.nanmedian: (1, None), aten.max: (1, None), aten.min: (1, None),
+}
 
 
 def _classify_index(node: fx.Node, symbols: set) -> str:

@@ -48,6 +48,7 @@ class ShardPlan:
     shards: list[dict] = field(default_factory=list)
     outputs: list[dict] = field(default_factory=list)
     synced_parameters: int = 0
+    token_local_modules: list[str] = field(default_factory=list)  # run whole on this rank's tokens (MoE experts)
 
 
 def _is_canonical_attention(node: fx.Node) -> bool:
@@ -63,8 +64,9 @@ def _info(node: fx.Node, **extra) -> dict:
 
 class _Sharder:
     def __init__(self, gm: fx.GraphModule, symbols: set, group: str, layout: str, outputs: str, sync_grads: bool,
-                 world_size: int):
+                 world_size: int, token_local: tuple[str, ...] = ()):
         self.gm, self.symbols, self.group, self.layout = gm, symbols, group, layout
+        self.token_local = tuple(token_local)
         self.outputs, self.sync_grads, self.world_size = outputs, sync_grads, world_size
         self.nodes = list(gm.graph.nodes)
         self.plan = ShardPlan()
@@ -92,6 +94,10 @@ class _Sharder:
                 self.active[node] = True
             elif node.meta.get("ringify_ffn"):
                 self.family[node] = LOCAL
+            elif touches and (inside := _inside(module_path(node), self.token_local)):
+                self.family[node] = LOCAL  # sorts tokens by expert inside, yet each token's output is its own
+                if inside not in self.plan.token_local_modules:
+                    self.plan.token_local_modules.append(inside)
             elif touches:
                 self.family[node] = classify(node, self.symbols)
                 if self.family[node] == REDUCE and not _reduces_everything(node, self.symbols):
@@ -447,6 +453,13 @@ class _Sharder:
         raise UnsupportedModelError(f"cannot find the input that gives the sequence length {expr}")
 
 
+def _inside(path: str, modules: tuple[str, ...]) -> str:
+    """The module of ``modules`` that ``path`` is (or is inside), or ''. ``path`` may carry the prefix of a
+    wrapper the model was captured through (``model.`` of capture's FlatCall)."""
+    path = "." + path + "."
+    return next((m for m in modules if f".{m}." in path), "")
+
+
 def _moves_tokens(node: fx.Node) -> bool:
     return node.target is operator.getitem or packet(node) in _VIEWS
 
@@ -532,9 +545,14 @@ def _loss_reduction(node: fx.Node) -> int:
 
 
 def shard_graph(gm: fx.GraphModule, symbols: set, *, group: str, layout: str, world_size: int,
-                outputs: str = "full", sync_grads: bool = True) -> tuple[fx.GraphModule, ShardPlan]:
-    """The rank-local version of ``gm`` (see the module docstring) and what was done."""
-    sharder = _Sharder(gm, symbols, group, layout, outputs, sync_grads, world_size)
+                outputs: str = "full", sync_grads: bool = True, token_local: tuple[str, ...] = ()
+                ) -> tuple[fx.GraphModule, ShardPlan]:
+    """The rank-local version of ``gm`` (see the module docstring) and what was done.
+
+    ``token_local``: module paths whose every op runs on this rank's tokens as it is, because the module
+    maps each token to its own output (dropless mixture-of-experts layers sort tokens by expert inside).
+    """
+    sharder = _Sharder(gm, symbols, group, layout, outputs, sync_grads, world_size, token_local)
     sharder.analyse()
     sharder.demands()
     new = sharder.emit()

@@ -136,9 +136,22 @@ def rewrite(model: torch.nn.Module, captured, *, world_size: int, group: str = "
     if ffn_chunk_tokens:
         ffn = chunk_feed_forward(gm, lambda n: symbolic_token_dim(n, captured.symbols), chunk_tokens=ffn_chunk_tokens)
     new, plan = shard_graph(gm, captured.symbols, group=group, layout=layout, world_size=world_size,
-                            outputs=outputs, sync_grads=sync_grads)
+                            outputs=outputs, sync_grads=sync_grads, token_local=dropless_experts(model))
     report = build_report(model, attention, ffn, plan, world_size=world_size, seq_len=seq_len, layout=layout)
     return new, report
+
+
+def dropless_experts(model: torch.nn.Module) -> tuple[str, ...]:
+    """Paths of transformers' mixture-of-experts expert layers (Mixtral, Qwen-MoE, ...).
+
+    They route every token to its top-k experts with no capacity limit, so each token's output depends on
+    that token alone, though inside they sort the tokens by expert: run on a shard, they give the shard's
+    rows of the full result. Recognised by the attributes ``transformers.integrations.moe`` gives them;
+    a capacity-limited MoE (tokens dropped when an expert is full) is not token-local and is not listed.
+    """
+    return tuple(name for name, module in model.named_modules()
+                 if name and hasattr(module, "_is_expert_parallel") and hasattr(module, "has_gate")
+                 and not getattr(module, "_is_expert_parallel"))
 
 
 def complete_report(report: Report, model, captured, new: fx.GraphModule, hardware: str | None = None, *,

@@ -804,6 +804,9 @@ def _rewrites_section(report) -> str:
         ("outputs", outputs or "none"),
         ("parameters whose gradients are summed over ranks", report.synced_parameters),
     ]
+    if getattr(report, "token_local_modules", None):
+        items.append(("run whole on this rank's tokens (dropless mixture-of-experts)",
+                      ", ".join(report.token_local_modules)))
     parts = ['<ul class="rewrites">' + "".join(f"<li>{_e(k)}: <b>{_e(v)}</b></li>" for k, v in items) + "</ul>"]
     rows: list[list[str]] = []
     rows += [["position", f"<code>{_e(e.get('op', e.get('node')))}</code>"

@@ -21,6 +21,7 @@ class Report:
     shards: list[dict] = field(default_factory=list)
     outputs: list[dict] = field(default_factory=list)
     synced_parameters: int = 0
+    token_local_modules: list[str] = field(default_factory=list)
     refused: list[dict] = field(default_factory=list)
     graph: dict = field(default_factory=dict)  # condensed rewritten graph: ringify.html.graph_summary
     cost: dict = field(default_factory=dict)   # memory and ring-step model: ringify.cost.cost_summary
@@ -57,6 +58,9 @@ class Report:
                   f"- outputs: " + (", ".join(f"{o['node']} ({'gathered' if 'gathered_dim' in o else 'local'})"
                                                 for o in self.outputs) or "none"),
                   f"- parameters whose gradients are summed over ranks: {self.synced_parameters}"]
+        if self.token_local_modules:
+            lines.append(f"- run whole on this rank's tokens (dropless mixture-of-experts: each token's output is "
+                         f"its own): {', '.join(self.token_local_modules)}")
         if self.refused:
             lines += ["", "## refused"] + [f"- {r.get('what', '?')}: {r.get('why', '')}" for r in self.refused]
         if self.cost:

@@ -1,7 +1,8 @@
 """Every model of the zoo, ringified on real gloo rings, as a new user would try it.
 
 The zoo (tests/zoo.py) holds the named models and their relatives: other decoder families (Qwen2/3,
-Gemma, Gemma2 with logit soft-capping, Gemma3, StableLM, Phi3, Falcon, OPT, GPT-BigCode with MQA),
+Gemma, Gemma2 with logit soft-capping, Gemma3, StableLM, Phi3, Falcon, OPT, GPT-BigCode with MQA,
+mixture-of-experts Mixtral and Qwen2-MoE),
 encoders (RoBERTa), sliding-window attention (Mistral, Gemma2), partial rotary (GPT-NeoX, Phi,
 StableLM), packed documents, padding. Each must come out the same function: logits, loss and every parameter
 gradient within 1e-5 (fp32), in eval and train mode. The models it must refuse are refused, naming the op.
@@ -73,3 +74,16 @@ def test_sequence_mixers_refused(seed, name):
     message = str(err.value)
     assert message.startswith(f"`{_MIXING_OPS[name]}`") and "zoo.py" in message.split("mixes")[0], message
     assert "hint" in message.lower(), message
+
+
+@pytest.mark.skipif("mixtral_moe" not in ZOO, reason="transformers not installed")
+def test_mixture_of_experts_layers_run_whole_on_each_rank(seed):
+    """The expert layers sort tokens by expert (argsort, grouped matmul) yet map each token to its own output:
+    they are run whole on a shard, and the report says which modules were treated so."""
+    zm = ZOO["mixtral_moe"]()
+    args, kwargs = zm.make_inputs(seed, 9)
+    rm = ringify(zm.model)
+    rm(*args, **kwargs)
+    report = rm.report()
+    assert report.token_local_modules == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    assert "dropless mixture-of-experts" in report.to_markdown()

@@ -274,6 +274,21 @@ def roberta(train: bool = False) -> ZooModel:
     return ZooModel("roberta_mlm_padded", model, _bert_inputs)
 
 
+def mixtral(train: bool = False) -> ZooModel:
+    """MixtralForCausalLM: mixture of 4 experts, top-2, dropless (the experts sort tokens by expert inside)."""
+    model = _hf("MixtralForCausalLM", "MixtralConfig", train,
+                **_decoder_cfg(num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0))
+    return ZooModel("mixtral_moe", model, _causal_lm_inputs)
+
+
+def qwen2_moe(train: bool = False) -> ZooModel:
+    """Qwen2MoeForCausalLM: routed experts (top-2 of 4) plus a gated shared expert."""
+    model = _hf("Qwen2MoeForCausalLM", "Qwen2MoeConfig", train,
+                **_decoder_cfg(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=HIDDEN,
+                               shared_expert_intermediate_size=HIDDEN))
+    return ZooModel("qwen2_moe", model, _causal_lm_inputs)
+
+
 def gpt2(train: bool = False) -> ZooModel:
     """GPT2LMHeadModel (eager): learned positions, Conv1D projections, tied head."""
     if transformers is None:
@@ -530,6 +545,8 @@ _ZOO_CANDIDATES: dict[str, Callable[..., ZooModel]] = {
     "opt_padded": opt,
     "gpt_bigcode_mqa": gpt_bigcode,
     "roberta_mlm_padded": roberta,
+    "mixtral_moe": mixtral,
+    "qwen2_moe": qwen2_moe,
 }
 
 REFUSE: dict[str, Callable[..., ZooModel]] = {
@@ -547,7 +564,7 @@ BUILD_FAILURES: dict[str, str] = {}
 _HF = {"llama_sdpa", "llama_eager", "llama_sdpa_padded", "llama_packed", "gpt2_eager", "bert_mlm_padded",
        "mistral_swa", "qwen2", "qwen3", "gpt_neox_partial_rotary", "phi_partial_rotary", "stablelm_partial_rotary",
        "gemma", "gemma2_softcap_swa", "gemma3", "phi3_fused_qkv", "falcon_gqa", "opt_padded", "gpt_bigcode_mqa",
-       "roberta_mlm_padded"}
+       "roberta_mlm_padded", "mixtral_moe", "qwen2_moe"}
 ZOO: dict[str, Callable[..., ZooModel]] = {
     name: b for name, b in _ZOO_CANDIDATES.items() if transformers is not None or name not in _HF
 }
