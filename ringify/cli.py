@@ -25,8 +25,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-errors = Console(stderr=True)
+def _console(**options) -> Console:
+    """Rich's own width on a terminal; piped (CI logs, files) at least 120 columns, so tables keep whole headers."""
+    probe = Console(**options)
+    return probe if probe.is_terminal else Console(width=max(probe.width, 120), **options)
+
+
+console = _console()
+errors = _console(stderr=True)
 _state = {"debug": False}
 
 MODEL_HELP = ("A saved torch.export program (.pt2), a HuggingFace-style model directory (config.json + *.safetensors), "

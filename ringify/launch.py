@@ -12,6 +12,7 @@ import datetime
 import os
 import queue
 import socket
+import threading
 import traceback
 from multiprocessing.reduction import ForkingPickler
 
@@ -29,6 +30,7 @@ def free_port() -> int:
 def _serve(rank: int, world_size: int, port: int, tasks, results) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    _thread_lock_for_tqdm()
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
         timeout=datetime.timedelta(seconds=60),
@@ -44,6 +46,16 @@ def _serve(rank: int, world_size: int, port: int, tasks, results) -> None:
     results.close()
     results.join_thread()
     os._exit(0)  # skip gloo's teardown, which waits on peers that may already be gone
+
+
+def _thread_lock_for_tqdm() -> None:
+    """torch.fx's Interpreter makes a tqdm bar, and tqdm a multiprocessing lock: a semaphore that this
+    process's ``os._exit`` never unregisters ("leaked semaphore objects" at shutdown). A thread lock does."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
 
 
 class RankFailure(AssertionError):
