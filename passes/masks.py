@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedModelError
-from .sequence import packet, token_dims, value
+from .sequence import packet, size_expr, token_dims, value
 from .where import describe
 
 aten = torch.ops.aten
@@ -48,10 +48,6 @@ class BlockMask:
     leaves: list[fx.Node]
     source: fx.Node
     ops: list[str] = field(default_factory=list)
-
-
-def _expr(size):
-    return size.node.expr if isinstance(size, torch.SymInt) else size
 
 
 def _out_of_place(node: fx.Node):
@@ -192,7 +188,7 @@ class _Builder:
             return self.index(node, axes)
         if op in _ELEMENTWISE or (isinstance(node.target, torch._ops.OpOverload)
                                   and torch.Tag.pointwise in node.target.tags):
-            return self.pointwise(node, axes)
+            return self.pointwise(node, axes, target)
         self.refuse(node, f"no block rule for {op}")
 
     def reshape(self, node: fx.Node, axes: tuple) -> fx.Node:
@@ -201,7 +197,8 @@ class _Builder:
         in_shape, out_shape = value(x).shape, value(node).shape
         first = next(i for i, a in enumerate(axes) if a is not None)
         tail = len(axes) - first
-        if len(in_shape) < tail or [_expr(s) for s in in_shape[len(in_shape) - tail:]] != [_expr(s) for s in out_shape[first:]]:
+        if len(in_shape) < tail or ([size_expr(s) for s in in_shape[len(in_shape) - tail:]]
+                                    != [size_expr(s) for s in out_shape[first:]]):
             self.refuse(node, "a reshape of the mask that touches its query or key axis")
         lead = [s if isinstance(s, int) else -1 for s in out_shape[:first]]
         if lead.count(-1) > 1:
@@ -212,7 +209,7 @@ class _Builder:
             self.refuse(node, "a reshape of the mask with a dynamic size")
         return self.graph.call_function(node.target, (inner, sizes))
 
-    def pointwise(self, node: fx.Node, axes: tuple) -> fx.Node:
+    def pointwise(self, node: fx.Node, axes: tuple, target) -> fx.Node:
         def arg(a):
             if _is_tensor(a):
                 return self.build(a, _right_aligned(axes, a))
@@ -221,7 +218,7 @@ class _Builder:
             return a
         args = tuple(arg(a) for a in node.args)
         kwargs = {k: arg(v) for k, v in node.kwargs.items()}
-        return self.graph.call_function(_out_of_place(node), args, kwargs)
+        return self.graph.call_function(target, args, kwargs)
 
     def index(self, node: fx.Node, axes: tuple) -> fx.Node:
         x, indices = node.args[0], list(node.args[1])

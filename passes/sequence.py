@@ -34,6 +34,8 @@ _VIEWS = {
     aten.unflatten, aten.view_as, aten.expand_as, aten.reshape_as, aten._to_copy, aten.to, aten.type_as,
     aten.lift_fresh_copy,
 }
+# views that may merge or split the token dim (checked by ``_view_keeps_tokens``); the other views move it whole
+_RESHAPES = {aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten}
 _FACTORIES = {
     aten.ones, aten.zeros, aten.full, aten.empty, aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty,
     aten.ones_like, aten.zeros_like, aten.full_like, aten.empty_like, aten.scalar_tensor, aten.empty_strided,
@@ -243,7 +245,7 @@ def _view_keeps_tokens(node: fx.Node, symbols: set) -> bool:
     if not isinstance(x, fx.Node) or not isinstance(value(x), torch.Tensor):
         return True
     op = packet(node)
-    if op not in (aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten):
+    if op not in _RESHAPES:
         return True  # transpose, permute, unsqueeze, expand...: tokens move, never mix
     inner = token_dims(x, symbols)
     if not inner:
@@ -252,9 +254,9 @@ def _view_keeps_tokens(node: fx.Node, symbols: set) -> bool:
     if len(inner) != 1 or len(out_tokens) != 1:
         return False
     shape, out_shape = value(x).shape, value(node).shape
-    stride = _expr(token_inner(x, symbols)) * _expr(_numel(shape[inner[0] + 1:]))
-    inner_out = sympy.simplify(stride / _expr(_numel(out_shape[out_tokens[0] + 1:])))
-    if not _whole(inner_out) or not _integral(sympy.expand(_expr(out_shape[out_tokens[0]]) / inner_out)):
+    stride = size_expr(token_inner(x, symbols)) * size_expr(_numel(shape[inner[0] + 1:]))
+    inner_out = sympy.simplify(stride / size_expr(_numel(out_shape[out_tokens[0] + 1:])))
+    if not _whole(inner_out) or not _integral(sympy.expand(size_expr(out_shape[out_tokens[0]]) / inner_out)):
         return False  # a token's elements would be split across output rows
     node.meta["ringify_token_inner"] = int(inner_out)
     return True
@@ -271,8 +273,7 @@ def token_inner(node, symbols: set) -> int:
         if "ringify_token_inner" in node.meta:
             inner = node.meta["ringify_token_inner"]
             break
-        if node.op != "call_function" or packet(node) in (aten.view, aten.reshape, aten._unsafe_view,
-                                                           aten.flatten, aten.unflatten):
+        if node.op != "call_function" or packet(node) in _RESHAPES:
             break
         path.append(node)
         node = next((a for a in node.all_input_nodes if has_tokens(a, symbols)), None)
@@ -290,7 +291,8 @@ def mixes_token_layouts(node: fx.Node, symbols: set) -> bool:
     return len({token_inner(a, symbols) for a in tensors}) > 1
 
 
-def _expr(size):
+def size_expr(size) -> sympy.Expr:
+    """A size (int or SymInt) as a sympy expression, so sizes compare and divide symbolically."""
     return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
 
 

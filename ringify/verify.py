@@ -21,6 +21,19 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def worst_grad_error(model: torch.nn.Module, reference: torch.nn.Module) -> tuple[float, str]:
+    """The largest relative error of ``model``'s parameter gradients against ``reference``'s, and whose.
+
+    A gradient that is zero in exact arithmetic (a key bias under softmax) is float noise on both sides:
+    it is compared against the largest reference gradient (times 1e-3) instead of its own size.
+    Parameters without a gradient on either side are skipped (the callers check those).
+    """
+    ref = dict(reference.named_parameters())
+    scale = max(p.grad.norm().item() for p in reference.parameters() if p.grad is not None)
+    return max((((p.grad - ref[n].grad).norm() / max(ref[n].grad.norm(), 1e-3 * scale)).item(), n)
+               for n, p in model.named_parameters() if ref[n].grad is not None and p.grad is not None)
+
+
 def check_ring_attention(seed: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, causal: bool, layout: str) -> dict:
     g = torch.Generator().manual_seed(seed)
     q, k, v, grad = (torch.randn(1, h, seq_len, head_dim, generator=g) for h in (heads, kv_heads, kv_heads, heads))
