@@ -86,7 +86,7 @@ def check_soft_capped(seed, seq_len, causal, layout, cap):
     return errors
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_soft_capped_scores(ranks, seed, world_size, causal):
     ranks(world_size).run(check_soft_capped, seed, 8 * world_size + 3, causal, "zigzag", 1.5)

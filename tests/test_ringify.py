@@ -213,10 +213,11 @@ def test_equivalent_hf(ranks, seed, name, world_size):
     ranks(world_size).run(check_model, name, seed, 8 * world_size + 3)
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("name", ["mha-batch", "mha-seq-causal"])
-def test_equivalent_torch_multihead_attention(ranks, seed, name):
+def test_equivalent_torch_multihead_attention(ranks, seed, name, world_size):
     """nn.MultiheadAttention merges the sequence with the batch ((S, B, E) -> (S*B, E)) and back."""
-    ranks(3).run(check_model, name, seed, 3 * 5 + 2)
+    ranks(world_size).run(check_model, name, seed, world_size * 5 + 2)
 
 
 @pytest.mark.parametrize("name", ["nanogpt", "llama-sdpa"])
