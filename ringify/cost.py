@@ -98,7 +98,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import fx
@@ -173,12 +173,22 @@ class ModelProfile:
     head_dim: int = 0
     hidden: int = 0
     parameters: int = 0                  # count (tied weights once)
-    parameter_bytes: int = 0
+    parameter_bytes: int = 0             # in the dtype the graph computes in (the fake runs' parameters)
     buffer_bytes: int = 0                # persistent buffers (a causal-mask table, rotary frequencies)
     gradient_bytes: int = 0              # parameters that require grad (0 without training)
+    trainable_parameters: int = 0        # count of the parameters that require grad
+    layer_parameters: int = 0            # the largest block of the largest nn.ModuleList (one FSDP2 unit)
+    root_parameters: int = 0             # parameters outside the ModuleLists' blocks (the root FSDP2 unit)
     dtype_bytes: int = 2                 # of q, k, v
+    compute_dtype: str = ""              # of the parameters as the graph computes (e.g. "bfloat16")
+    meta_device: bool = False            # planned without weights: the parameters live on the meta device
     batch: int = 1
     training: bool = True
+    # the training setup (see "Training state" in the module docstring)
+    optimizer: str = "none"              # "none", "sgd" (momentum: 1 state per parameter), "adam" (2 states)
+    mixed_precision: bool = False        # FSDP2 MixedPrecisionPolicy: fp32 master parameters, gradients and
+                                         # optimizer states; compute in the graph's (16-bit) dtype
+    dp: int = 1                          # FSDP2 data-parallel ranks that shard parameters, gradients, states
     causal: bool = False                 # every attention causal (or masked by a position comparison)
     causal_flag: bool = False            # every attention has the causal flag itself (not only a causal-like mask)
     masked: bool = False                 # some attention has a block mask: torch block kernels on any device
@@ -195,6 +205,9 @@ class ModelProfile:
     step_peak_lines: list = field(default_factory=list)
     attention_forward_lines: list = field(default_factory=list)   # alive when each attention forward starts
     attention_backward_lines: list = field(default_factory=list)  # alive when each attention backward starts
+    # the same without the parameter gradients made so far (FSDP2 reduce-scatters and frees them per layer)
+    activation_peak_lines: list = field(default_factory=list)
+    attention_backward_activation_lines: list = field(default_factory=list)
     output_bytes_per_token: float = 0.0      # the graph's outputs that have a token dim (logits)
     sim_batch: int = 1
     fit_lengths: list = field(default_factory=list)
@@ -208,7 +221,8 @@ class ModelProfile:
 
 def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols: set, attention: list[dict], *,
                   batch: int, training: bool = True, outputs: str = "full", ffn_chunk_tokens: int | None = 256,
-                  layout: str = "zigzag", lengths: tuple[int, int] | None = None) -> ModelProfile:
+                  layout: str = "zigzag", lengths: tuple[int, int] | None = None, optimizer: str = "none",
+                  mixed_precision: bool = False, dp: int = 1) -> ModelProfile:
     """The :class:`ModelProfile` of ``model`` from its captured, unsharded graph.
 
     ``graph_module``: ``ringify.capture.capture(...).graph_module`` (before or after the attention and
@@ -216,14 +230,22 @@ def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols:
     ``attention``: attention summaries (``AttentionMatch.summary()`` or report entries). ``outputs``,
     ``ffn_chunk_tokens`` and ``layout``: the ringify options the prediction is for (feed-forward blocks
     are chunked here if the graph is not yet). ``lengths``: the two sequence lengths of the fake runs.
+    ``optimizer``, ``mixed_precision``, ``dp``: the training setup (:func:`check_training_setup`). The model
+    may live on the ``meta`` device: nothing here reads parameter values.
     """
+    check_training_setup(optimizer, dp)
     params = list(model.parameters())
+    layer, root = _fsdp_units(model)
     profile = ModelProfile(
         model=type(model).__name__, batch=int(batch), training=bool(training), layout=layout, outputs=outputs,
         parameters=sum(p.numel() for p in params),
         parameter_bytes=sum(p.numel() * p.element_size() for p in params),
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
         gradient_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad) if training else 0,
+        trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
+        layer_parameters=layer, root_parameters=root, compute_dtype=_main_dtype(params),
+        meta_device=bool(params) and all(p.is_meta for p in params),
+        optimizer=optimizer, mixed_precision=bool(mixed_precision), dp=int(dp),
     )
     try:
         from .runtime import block_attention
@@ -254,6 +276,40 @@ def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols:
         except Exception as err:  # noqa: BLE001
             profile.notes.append(f"block mask evaluation not measured ({type(err).__name__})")
     return profile
+
+
+OPTIMIZER_STATES = {"none": 0, "sgd": 1, "adam": 2}  # states per parameter: SGD's momentum; Adam's two moments
+
+
+def check_training_setup(optimizer: str, dp: int) -> None:
+    """Refuse a training setup the cost model does not know, naming what it knows."""
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_STATES)} (AdamW costs as adam), "
+                         f"got {optimizer!r}")
+    if int(dp) < 1:
+        raise ValueError(f"dp (FSDP2 data-parallel ranks) must be >= 1, got {dp}")
+
+
+def _main_dtype(params: list) -> str:
+    """The floating dtype that holds most parameters ("" without any)."""
+    sizes: dict = {}
+    for p in params:
+        if p.is_floating_point():
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return str(max(sizes, key=sizes.get)).removeprefix("torch.") if sizes else ""
+
+
+def _fsdp_units(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters of the largest block, parameters outside all blocks): the units FSDP2 unshards one at a time
+    when each block of the model's largest ``nn.ModuleList`` is ``fully_shard``-ed and then the model itself
+    (the README's recipe); the root unit stays unsharded through forward and backward."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    total = sum(p.numel() for p in model.parameters())
+    if not lists:
+        return 0, total
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    blocks = max(lists, key=count)
+    return max(count(b) for b in blocks), total - count(blocks)
 
 
 # --------------------------------------------------------------------------------------------- estimate
@@ -307,29 +363,66 @@ def _ring_terms(profile: ModelProfile, local: int, world_size: int, hardware: Ha
     }
 
 
+def _training_state(profile: ModelProfile) -> dict:
+    """Per-device bytes of what a step keeps besides activations: parameters (and buffers), gradients,
+    optimizer states, and the compute-dtype copies FSDP2 all-gathers (see "Training state" in the module
+    docstring). Without FSDP (dp 1, no mixed precision) the gradients are the fake run's, in the model's dtype."""
+    count, dp = profile.parameters, max(1, int(profile.dp))
+    compute = profile.parameter_bytes / count if count else float(profile.dtype_bytes)
+    trainable = profile.trainable_parameters or (profile.gradient_bytes / compute if compute else 0)
+    master = _FP32 if profile.mixed_precision else compute  # bytes per stored parameter, gradient, state
+    fsdp = dp > 1 or profile.mixed_precision
+    params = (count * master if profile.mixed_precision else profile.parameter_bytes) / dp + profile.buffer_bytes
+    grads = states = gathered = 0.0
+    if profile.training:
+        grads = trainable * master / dp if fsdp else profile.gradient_bytes
+        states = OPTIMIZER_STATES.get(profile.optimizer, 0) * trainable * master / dp
+    if fsdp:  # the root unit's parameters (+ gradients) and two blocks' (computing and prefetched / gradients)
+        units = 2 * profile.root_parameters + 2 * profile.layer_parameters if profile.training else (
+            profile.root_parameters + 2 * profile.layer_parameters)
+        gathered = units * compute
+    return {"parameters": params, "gradients": grads, "optimizer_states": states, "gathered_parameters": gathered,
+            "fsdp": fsdp}
+
+
+def _activation_lines(profile: ModelProfile, lines: list, without_grads: list) -> list:
+    """``without_grads`` when the profile has them, else ``lines`` less all gradients (older profiles)."""
+    return without_grads or [[fixed - profile.gradient_bytes, per_token] for fixed, per_token in lines]
+
+
 def _memory(profile: ModelProfile, seq_len: int, world_size: int, hardware: Hardware) -> dict:
     local = _shard_tokens(seq_len, world_size)
     scale = profile.batch / max(1, profile.sim_batch)
     ring = _ring_terms(profile, local, world_size, hardware)
-    step = _lines(profile.step_peak_lines, local, scale)
+    state = _training_state(profile)
+    if state["fsdp"]:  # gradients leave as FSDP2 reduce-scatters them: the peak without them, plus its shards
+        step_lines = _activation_lines(profile, profile.step_peak_lines, profile.activation_peak_lines)
+        backward_lines = _activation_lines(profile, profile.attention_backward_lines,
+                                           profile.attention_backward_activation_lines)
+        held = 0.0
+    else:  # every gradient stays where backward made it: the fake run's peak has them
+        step_lines, backward_lines, held = profile.step_peak_lines, profile.attention_backward_lines, state["gradients"]
+    step = _lines(step_lines, local, scale)
     fwd = _lines(profile.attention_forward_lines, local, scale) + ring["kv_forward"] + ring["workspace_forward"]
     moments = [step, fwd]  # the step's own peak; inside an attention forward
     if profile.training:  # inside an attention backward
-        moments.append(_lines(profile.attention_backward_lines, local, scale) + ring["kv_backward"]
-                       + ring["workspace_backward"])
+        moments.append(_lines(backward_lines, local, scale) + ring["kv_backward"] + ring["workspace_backward"])
         kv, workspace = ring["kv_backward"], ring["workspace_backward"]
     else:
         kv, workspace = ring["kv_forward"], ring["workspace_forward"]
     peak = max(moments)
+    gathered = 0.0
     if profile.outputs == "full" and world_size > 1:
-        peak += (int(seq_len) - local) * profile.output_bytes_per_token * scale
-    params = profile.parameter_bytes + profile.buffer_bytes
-    grads = profile.gradient_bytes if profile.training else 0
-    activations = max(0, peak - grads - kv - workspace)
-    total = params + grads + activations + kv + workspace
-    return {"parameters": int(params), "gradients": int(grads), "activations": int(activations),
-            "kv_buffers": int(kv), "attention_workspace": int(workspace), "total": int(total),
-            "fits": bool(total <= hardware.memory)}
+        gathered = (int(seq_len) - local) * profile.output_bytes_per_token * scale
+    activations = max(0, peak - held - kv - workspace)
+    parts = {"parameters": state["parameters"], "gradients": state["gradients"],
+             "optimizer_states": state["optimizer_states"], "gathered_parameters": state["gathered_parameters"],
+             "activations": activations, "gathered_outputs": gathered, "kv_buffers": kv,
+             "attention_workspace": workspace}
+    out = {k: int(v) for k, v in parts.items()}
+    out["total"] = sum(out.values())
+    out["fits"] = bool(out["total"] <= hardware.memory)
+    return out
 
 
 def _fraction(profile: ModelProfile) -> float:
@@ -378,10 +471,13 @@ def estimate(profile: ModelProfile, seq_len: int, world_size: int, hardware: Har
     """Memory per device and the ring step at ``seq_len`` global tokens on ``world_size`` devices.
 
     ``per_device`` (bytes): ``parameters`` (and buffers), ``gradients`` (all of them, as after backward),
-    ``kv_buffers`` (the ring's key/value double buffers and, in training, dK/dV accumulators in flight;
-    0 on one device), ``attention_workspace`` (fp32 ring state and block-kernel scratch of one layer),
-    ``activations`` (the rest of the predicted peak: saved activations, outputs, gathered outputs,
-    transients); ``total`` is their sum, ``fits`` compares it with ``hardware.memory``.
+    ``optimizer_states``, ``gathered_parameters`` (FSDP2's unsharded compute copies; 0 without FSDP),
+    ``activations`` (the rest of the predicted peak: saved activations, outputs, transients),
+    ``gathered_outputs`` (``outputs="full"``: what gathering the outputs to full length adds on every
+    rank), ``kv_buffers`` (the ring's key/value double buffers and, in training, dK/dV accumulators in
+    flight; 0 on one device), ``attention_workspace`` (fp32 ring state and block-kernel scratch of one
+    layer); ``total`` is their sum, ``fits`` compares it with ``hardware.memory``. Parameters, gradients
+    and optimizer states follow the profile's training setup (see "Training state" in the module docstring).
     ``ring_step``: one step of one attention layer (forward + backward in training), see the module
     docstring; ``block_tokens`` overrides its block (default ``ceil(seq_len / world_size)``, the local
     shard). Plain JSON-able values (bytes, seconds)."""
@@ -432,8 +528,14 @@ def cost_summary(profile: ModelProfile, seq_len: int, world_size: int, hardware:
                  world_sizes=(1, 2, 4, 8, 16, 32)) -> dict:
     """:func:`estimate` at (seq_len, world_size), the largest context per world size, the memory per
     device against the context (log grid up to about twice the largest context), the ring step against
-    the block size (log grid), and the profile."""
-    limits = {str(w): max_context(profile, w, hardware) for w in world_sizes}
+    the block size (log grid), and the profile.
+
+    ``max_context`` is for the profile's ``outputs`` (``outputs``: the one in force);
+    ``max_context_by_outputs`` has it for both ``"full"`` (outputs gathered to full length on every rank,
+    ringify's default: O(S x vocab) per rank for logits) and ``"local"`` (each rank keeps its tokens)."""
+    by_outputs = {o: {str(w): max_context(replace(profile, outputs=o), w, hardware) for w in world_sizes}
+                  for o in ("full", "local")}
+    limits = by_outputs[profile.outputs]
     curves = {}
     for w in world_sizes:
         top = 2 * limits[str(w)] if limits[str(w)] else 1024 * w
@@ -443,6 +545,7 @@ def cost_summary(profile: ModelProfile, seq_len: int, world_size: int, hardware:
     blocks = [2**i for i in range(4, max(18, math.ceil(math.log2(max(need, 1) * 4)) + 1))]
     step_curve = [[c, *_step(profile, c, hardware)[1:3]] for c in blocks]
     return {"estimate": estimate(profile, seq_len, world_size, hardware), "max_context": limits,
+            "outputs": profile.outputs, "max_context_by_outputs": by_outputs,
             "memory_curve": curves, "step_curve": step_curve, "profile": asdict(profile)}
 
 
@@ -525,7 +628,11 @@ def _attention_shapes(gm: fx.GraphModule, attention: list[dict], profile: ModelP
         profile.causal = all(_causal_like(a) for a in attention)
         profile.masked = any(bool(a.get("mask") or a.get("mask_kind")) for a in attention)
     if nodes and not profile.causal:
-        profile.causal = all(_graph_causal(gm, n) for n in nodes)
+        unread: list = []
+        profile.causal = all([_graph_causal(gm, n, unread=unread) for n in nodes])
+        if unread and not profile.causal:
+            profile.notes.append(f"the attention mask reads {unread[0]} on the meta device, whose values are unknown: "
+                                 "counted as not causal (a causal mask would halve the ring step's compute)")
     flags = [bool(a.get("causal")) for a in attention or []] or [
         bool(n.kwargs.get("causal") or n.kwargs.get("is_causal")) for n in nodes]
     profile.causal_flag = bool(flags) and all(flags)
@@ -542,9 +649,10 @@ def _causal_like(summary: dict) -> bool:
     return bool(summary.get("causal")) or bool(ops & _POSITION_COMPARISONS)
 
 
-def _graph_causal(gm: fx.GraphModule, node: fx.Node, limit: int = 256) -> bool:
+def _graph_causal(gm: fx.GraphModule, node: fx.Node, limit: int = 256, unread: list | None = None) -> bool:
     """Whether an attention node of the graph is causal or its mask is causal-like: built by comparing
-    positions (``le``, ``tril``...) or read from a lower-triangular table (nanoGPT's ``bias`` buffer)."""
+    positions (``le``, ``tril``...) or read from a lower-triangular table (nanoGPT's ``bias`` buffer).
+    Tables on the ``meta`` device have no values to check: their names go to ``unread``."""
     if node.kwargs.get("causal") or node.kwargs.get("is_causal"):
         return True
     mask = _mask_arg(node)
@@ -563,6 +671,10 @@ def _graph_causal(gm: fx.GraphModule, node: fx.Node, limit: int = 256) -> bool:
             try:
                 table = _fetch(gm, n.target)
             except AttributeError:
+                continue
+            if isinstance(table, torch.Tensor) and table.is_meta:  # no values to read (a plan without weights)
+                if unread is not None:
+                    unread.append(n.target)
                 continue
             if isinstance(table, torch.Tensor) and table.dim() >= 2 and table.shape[-1] == table.shape[-2] > 1:
                 square = table.reshape(-1, *table.shape[-2:])[0] != 0
@@ -609,6 +721,34 @@ class _Recorder:
         self.meter = None
         self.forward_live: list[int] = []
         self.backward_live: list[int] = []
+        self.backward_activations: list[int] = []  # live bytes less the parameter gradients made so far
+
+
+def _meter():
+    """A :class:`ringify.memory.PeakMemory` that also knows which of its live bytes are parameter gradients
+    (told by :meth:`gradient`, from the parameters' post-accumulate hooks), so the peak without them is
+    known too: what a step holds when FSDP2 reduce-scatters each layer's gradients and frees them."""
+    from .memory import PeakMemory
+
+    class GradientMeter(PeakMemory):
+        def __init__(self):
+            super().__init__()
+            self.gradient_bytes, self.activation_peak, self._seen = 0, 0, set()
+
+        def gradient(self, param: torch.Tensor) -> None:
+            if id(param) not in self._seen and param.grad is not None:
+                self._seen.add(id(param))
+                self.gradient_bytes += param.grad.untyped_storage().nbytes()
+
+        @property
+        def activation_bytes(self) -> int:
+            return self.live_bytes - self.gradient_bytes
+
+        def _track(self, storage) -> None:
+            super()._track(storage)
+            self.activation_peak = max(self.activation_peak, self.activation_bytes)
+
+    return GradientMeter()
 
 
 class _RingStub(torch.autograd.Function):
@@ -630,6 +770,7 @@ class _RingStub(torch.autograd.Function):
         recorder = ctx.recorder
         if recorder.meter is not None:
             recorder.backward_live.append(recorder.meter.live_bytes)
+            recorder.backward_activations.append(recorder.meter.activation_bytes)
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
 
 
@@ -707,13 +848,15 @@ def _simulate(gm: fx.GraphModule, symbols: set, seq_len: int, training: bool) ->
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._pytree import tree_leaves
 
-    from .memory import PeakMemory
-
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     recorder = _Recorder()
     sim = _Simulator(gm, fake_mode, recorder)
     args = _inputs(gm, sim, symbols, seq_len, training)
-    with fake_mode, PeakMemory() as meter, torch.set_grad_enabled(training):
+    meter = _meter()
+    for param in sim.fakes.values():
+        if param.requires_grad and param.is_leaf:
+            param.register_post_accumulate_grad_hook(meter.gradient)
+    with fake_mode, meter, torch.set_grad_enabled(training):
         recorder.meter = meter
         outs = [x for x in tree_leaves(sim.run(*args, enable_io_processing=False)) if isinstance(x, torch.Tensor)]
         after_forward = meter.live_bytes
@@ -728,7 +871,9 @@ def _simulate(gm: fx.GraphModule, symbols: set, seq_len: int, training: bool) ->
         recorder.meter = None
         del outs
     return {"peak": meter.peak_bytes, "after_forward": after_forward, "outputs": output_bytes,
-            "attention_forward": recorder.forward_live, "attention_backward": recorder.backward_live}
+            "activation_peak": meter.activation_peak, "gradients": meter.gradient_bytes,
+            "attention_forward": recorder.forward_live, "attention_backward": recorder.backward_live,
+            "attention_backward_activations": recorder.backward_activations}
 
 
 def _mask_piece_bytes(gm: fx.GraphModule, symbols: set, seq_len: int, tile: int) -> int:
@@ -752,7 +897,7 @@ def _mask_piece_bytes(gm: fx.GraphModule, symbols: set, seq_len: int, tile: int)
     args = _inputs(gm, sim, symbols, seq_len, False)
     with fake_mode, torch.no_grad():
         sim.run(*args, enable_io_processing=False)
-        pos = torch.arange(min(tile, seq_len))
+        pos = torch.arange(min(tile, seq_len), device=_graph_device(gm))
         worst = 0
         for bm in masks.values():
             leaves = [sim.env[leaf] if isinstance(leaf, fx.Node) else leaf for leaf in bm.leaves]
@@ -760,6 +905,15 @@ def _mask_piece_bytes(gm: fx.GraphModule, symbols: set, seq_len: int, tile: int)
                 bm.fn(pos, pos, *leaves)
             worst = max(worst, meter.peak_bytes)
     return worst
+
+
+def _graph_device(gm: fx.GraphModule) -> torch.device:
+    """Where the graph's inputs live (``meta`` for a plan without weights): positions made here go there too."""
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            return val.device
+    return torch.device("cpu")
 
 
 def _batch_of(gm: fx.GraphModule) -> int:
@@ -813,8 +967,11 @@ def _fit_profile(gm: fx.GraphModule, symbols: set, profile: ModelProfile, length
     last = chord(ns[-2], ns[-1], runs[ns[-2]]["after_forward"], runs[ns[-1]]["after_forward"])
     profile.activation_bytes_fixed, profile.activation_bytes_per_token = max(0.0, last[0]), last[1]
     profile.step_peak_lines = [chord(a, b, runs[a]["peak"], runs[b]["peak"]) for a, b in zip(ns, ns[1:])]
+    profile.activation_peak_lines = [chord(a, b, runs[a]["activation_peak"], runs[b]["activation_peak"])
+                                     for a, b in zip(ns, ns[1:])]
     profile.attention_forward_lines = events("attention_forward")
     profile.attention_backward_lines = events("attention_backward")
+    profile.attention_backward_activation_lines = events("attention_backward_activations")
     profile.output_bytes_per_token = chord(ns[-2], ns[-1], runs[ns[-2]]["outputs"], runs[ns[-1]]["outputs"])[1]
 
 
@@ -826,6 +983,7 @@ def _analytic_profile(profile: ModelProfile) -> None:
     profile.step_peak_lines = [[float(profile.gradient_bytes), per_token]]
     profile.attention_forward_lines = [[0.0, per_token]]
     profile.attention_backward_lines = [[float(profile.gradient_bytes), per_token]]
+    profile.activation_peak_lines = profile.attention_backward_activation_lines = [[0.0, per_token]]
     profile.output_bytes_per_token = 0.0
 
 
