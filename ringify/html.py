@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from .passes.where import module_path, source_line
-from .report import _size, _time
+from .report import _setup_text, _size, _time
 
 # ------------------------------------------------------------------------------------------ graph summary
 
@@ -835,6 +835,28 @@ def _refused_section(report) -> str:
     return _table(["what", "why", "module path", "source line"], rows)
 
 
+_MEMORY_PARTS = ("parameters", "gradients", "optimizer_states", "gathered_parameters", "activations", "gathered_outputs",
+                 "kv_buffers", "attention_workspace")
+
+
+def _context_table(by_outputs: dict, in_force: str) -> str:
+    """Largest context per world size with outputs gathered ("full") and kept local, the one in force marked."""
+    names = sorted(by_outputs, key=lambda o: o != in_force)
+    worlds = sorted({w for limits in by_outputs.values() for w in limits}, key=int)
+    headers = ["devices"] + [_e(f'outputs="{o}"' + (" (in force)" if o == in_force else "")) for o in names]
+
+    def cell(tokens) -> str:
+        if not isinstance(tokens, (int, float)):
+            return _num(_e(tokens))
+        return _num(f"{int(tokens):,} <span class='muted'>({_e(_tokens(tokens))})</span>")
+
+    rows = [[_num(_e(w))] + [cell(by_outputs[o].get(w, "-")) for o in names] for w in worlds]
+    note = ('<p class="muted">outputs="full" gathers outputs such as logits to full length on every rank (O(S x vocab) '
+            'per rank); outputs="local" keeps each rank\'s tokens (<code>ringify(model, mesh, outputs="local")</code>, '
+            "positions <code>rm.local_positions()</code>).</p>")
+    return _table(headers, rows) + note
+
+
 def _cost_section(cost: dict) -> str:
     if not cost:
         return ('<p class="muted">No cost estimate in this report (it is added by <code>rm.report()</code> '
@@ -858,17 +880,19 @@ def _cost_section(cost: dict) -> str:
         facts.append(f"{_e(estimate['world_size'])} devices")
     if facts:
         parts.append("<p>" + " &middot; ".join(facts) + "</p>")
+    setup = _setup_text(cost.get("profile") or {})
+    if setup:
+        parts.append(f"<p>{_e(setup)}</p>")
     tables = []
     device = estimate.get("per_device") or {}
     if device:
         rows, classes = [], []
-        for key in ("parameters", "gradients", "activations", "kv_buffers", "attention_workspace"):
+        for key in _MEMORY_PARTS:
             if key in device:
                 rows.append([_e(key.replace("_", " ")), _num(_bytes(device[key]))])
                 classes.append("")
         for key, v in device.items():  # anything else the cost model adds
-            if key not in ("parameters", "gradients", "activations", "kv_buffers", "attention_workspace", "total",
-                           "fits") and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if key not in (*_MEMORY_PARTS, "total", "fits") and isinstance(v, (int, float)) and not isinstance(v, bool):
                 rows.append([_e(key.replace("_", " ")), _num(_bytes(v))])
                 classes.append("")
         if "total" in device:
@@ -901,13 +925,16 @@ def _cost_section(cost: dict) -> str:
             rows.append(["ring steps per attention layer", _num(_e(estimate["steps_per_layer"]))])
         tables.append("<div><h3>Ring step</h3>" + _kv(rows) + "</div>")
     limits = cost.get("max_context") or {}
-    if limits:
+    by_outputs, in_force = cost.get("max_context_by_outputs") or {}, cost.get("outputs")
+    label = f" on {_e(hardware['name'])}" if hardware.get("name") else ""
+    if by_outputs and in_force in by_outputs:
+        tables.append(f"<div><h3>Largest context{label}</h3>" + _context_table(by_outputs, in_force) + "</div>")
+    elif limits:
         rows = []
         for world in sorted(limits, key=lambda k: int(k)):
             tokens = limits[world]
             rows.append([_num(_e(world)), _num(_e(f"{int(tokens):,}" if isinstance(tokens, (int, float)) else tokens)),
                          _num(_e(_tokens(tokens)))])
-        label = f" on {_e(hardware['name'])}" if hardware.get("name") else ""
         tables.append(f"<div><h3>Largest context{label}</h3>" + _table(["devices", "tokens", "about"], rows) + "</div>")
     if tables:
         parts.append('<div class="grid">' + "".join(tables) + "</div>")

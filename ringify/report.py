@@ -106,9 +106,13 @@ def _cost_markdown(cost: dict) -> list[str]:
         lines.append(f"- hardware: {hardware.get('name', '?')}"
                      + (f" ({hardware['description']})" if hardware.get("description") else "")
                      + (f", {_size(hardware['memory'])} memory" if hardware.get("memory") else ""))
+    setup = _setup_text(cost.get("profile") or {})
+    if setup:
+        lines.append(f"- {setup}")
     device = estimate.get("per_device") or {}
     if device:
-        parts = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in device.items() if k not in ("total", "fits"))
+        parts = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in device.items()
+                          if k not in ("total", "fits") and v)
         fits = "" if "fits" not in device else (", fits" if device["fits"] else ", DOES NOT FIT")
         lines.append(f"- memory per device at {estimate.get('seq_len', '?')} tokens on {estimate.get('world_size', '?')} "
                      f"devices: {_size(device.get('total', '?'))}{fits}" + (f" ({parts})" if parts else ""))
@@ -119,12 +123,49 @@ def _cost_markdown(cost: dict) -> list[str]:
                      f"compute {_time(step.get('compute_seconds', '?'))} vs transfer {_time(step.get('transfer_seconds', '?'))}"
                      f"; transfer hides behind compute from {step.get('min_block_tokens', '?')} tokens per block"
                      + ("" if hidden is None else (" (hidden)" if hidden else " (NOT hidden: block too small)")))
-    limits = cost.get("max_context") or {}
-    if limits:
-        lines.append("- largest context: " + ", ".join(f"{w} device{'s' if str(w) != '1' else ''}: {int(t):,} tokens"
-                                                      if isinstance(t, (int, float)) else f"{w}: {t}"
-                                                      for w, t in sorted(limits.items(), key=lambda kv: int(kv[0]))))
+    by_outputs = cost.get("max_context_by_outputs") or {}
+    in_force = cost.get("outputs")
+    if by_outputs and in_force in by_outputs:
+        for outputs in sorted(by_outputs, key=lambda o: o != in_force):  # the one in force first
+            lines.append(f'- largest context with outputs="{outputs}" ({_OUTPUTS[outputs]}'
+                         + ("; in force" if outputs == in_force else f'; ringify(model, mesh, outputs="{outputs}")')
+                         + "): " + _limits_text(by_outputs[outputs]))
+    elif cost.get("max_context"):
+        lines.append("- largest context: " + _limits_text(cost["max_context"]))
     return lines
+
+
+_OUTPUTS = {"full": "outputs gathered to full length on every rank, O(S x vocab) per rank for logits",
+            "local": "each rank keeps its own tokens, at rm.local_positions()"}
+
+
+def _limits_text(limits: dict) -> str:
+    return ", ".join(f"{w} device{'s' if str(w) != '1' else ''}: {int(t):,} tokens" if isinstance(t, (int, float))
+                     else f"{w}: {t}" for w, t in sorted(limits.items(), key=lambda kv: int(kv[0])))
+
+
+def _setup_text(profile: dict) -> str:
+    """The training setup the memory is for, in words: dtype, optimizer, mixed precision, FSDP sharding."""
+    if not profile:
+        return ""
+    dtype = profile.get("compute_dtype") or "?"
+    if not profile.get("training", True):
+        return f"inference (forward only), parameters in {dtype}" + (
+            ", planned without weights (parameters on the meta device)" if profile.get("meta_device") else "")
+    optimizer = profile.get("optimizer", "none")
+    mixed, dp = bool(profile.get("mixed_precision")), int(profile.get("dp", 1) or 1)
+    stored = "float32" if mixed else dtype
+    states = {"adam": "Adam, 2 states per parameter", "sgd": "SGD with momentum, 1 state per parameter"}
+    parts = [f"training step (forward + backward), compute in {dtype}",
+             f"optimizer: {states[optimizer] + ' in ' + stored if optimizer in states else 'none counted'}"]
+    if profile.get("meta_device"):
+        parts.append("planned without weights (parameters on the meta device)")
+    if mixed:
+        parts.append("mixed precision (FSDP2 MixedPrecisionPolicy: float32 master parameters and gradients, "
+                     f"{dtype} copies gathered per layer)")
+    if dp > 1:
+        parts.append(f"FSDP2 over dp={dp}: parameters, gradients and optimizer states 1/{dp} per device")
+    return ", ".join(parts)
 
 
 def _softcap_text(attn: dict) -> str:
