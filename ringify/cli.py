@@ -190,7 +190,8 @@ def convert(
 
 @app.command()
 def report(
-    model: str = typer.Argument(..., help=MODEL_HELP),
+    model: str = typer.Argument(..., help=MODEL_HELP + " A directory with only config.json is planned without "
+                                "weights, on the meta device (so is a factory that builds on meta)."),
     world_size: int = typer.Option(4, "--world-size", "-w", min=1, help="Ring size to plan for."),
     seq_len: int = typer.Option(1024, "--seq-len", "-s", min=2, help="Global sequence length to plan for."),
     hardware: str = typer.Option("h100-nvlink", help="Hardware profile for the cost model (see --list-hardware)."),
@@ -198,14 +199,27 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
     training: bool = typer.Option(True, "--training/--inference", help="Cost a training step (forward + backward) "
                                   "or inference (forward only)."),
+    outputs: str = typer.Option("full", help="ringify's outputs option to plan for: full (gathered to full length on "
+                                "every rank, the default) or local (each rank keeps its tokens). The report gives "
+                                "the largest context for both."),
+    dtype: str = typer.Option(None, help="Compute dtype: bfloat16, float16 or float32 (default: the one the config "
+                              "names, else the model's own; bfloat16 with --mixed-precision on a float32 model)."),
+    optimizer: str = typer.Option("adam", help="Optimizer states to count in training: adam (AdamW too: 2 states "
+                                  "per parameter), sgd (with momentum: 1 state) or none."),
+    mixed_precision: bool = typer.Option(False, "--mixed-precision/--no-mixed-precision", help="FSDP2 "
+                                         "MixedPrecisionPolicy: float32 master parameters, gradients and optimizer "
+                                         "states, compute in the 16-bit --dtype."),
+    dp: int = typer.Option(1, "--dp", min=1, help="FSDP2 data-parallel ranks (a 2-D mesh dp x world size): "
+                           "parameters, gradients and optimizer states are sharded over them (1/dp per device)."),
     list_hardware: bool = typer.Option(False, "--list-hardware", help="List the hardware profiles and exit."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow pickles / custom model code."),
 ) -> None:
     """What ringify finds and rewrites in MODEL, per layer, and what it will cost on WORLD_SIZE devices.
 
-    Runs in one process: the rewrite for WORLD_SIZE ranks is planned, not executed.
+    Runs in one process: the rewrite for WORLD_SIZE ranks is planned, not executed. Memory counts parameters,
+    gradients and optimizer states (per --optimizer, --mixed-precision, --dp), activations and the ring's buffers.
     """
-    from .cost import HARDWARE
+    from .cost import HARDWARE, OPTIMIZER_STATES
 
     if list_hardware:
         table = Table(title="hardware profiles")
@@ -217,18 +231,21 @@ def report(
         return
     if hardware not in HARDWARE:
         raise typer.BadParameter(f"unknown --hardware {hardware!r}; one of: {', '.join(HARDWARE)}")
+    if outputs not in ("full", "local"):
+        raise typer.BadParameter(f"--outputs must be full or local, got {outputs!r}")
+    if optimizer not in OPTIMIZER_STATES:
+        raise typer.BadParameter(f"--optimizer must be one of {', '.join(OPTIMIZER_STATES)}, got {optimizer!r}")
     _check_world(seq_len, world_size)
     with _friendly_errors():
         from .api import complete_report, rewrite
-        from .capture import capture
-        from .sources import resolve
 
         with console.status(f"loading {model}"):
-            source = resolve(model, seq_len=seq_len, trust_remote_code=trust_remote_code)
+            source = _plan_source(model, seq_len, dtype, mixed_precision, trust_remote_code)
         with console.status(f"capturing {source.name} and planning the ring for {world_size} ranks"):
-            captured = capture(source.model, source.args, source.kwargs, source.seq_dim)
-            new, result = rewrite(source.model, captured, world_size=world_size)
-            complete_report(result, source.model, captured, new, hardware, training=training)
+            captured = _plan_capture(source)
+            new, result = rewrite(source.model, captured, world_size=world_size, outputs=outputs)
+            complete_report(result, source.model, captured, new, hardware, training=training, outputs=outputs,
+                            optimizer=optimizer if training else "none", mixed_precision=mixed_precision, dp=dp)
         if as_json:
             print(result.to_json())
         else:
@@ -236,6 +253,58 @@ def report(
         if html:
             result.to_html(str(html))
             (errors if as_json else console).print(f"[green]wrote[/] {html}")
+
+
+def _plan_source(model: str, seq_len: int, dtype: str | None, mixed_precision: bool, trust_remote_code: bool):
+    """The model to plan, in the compute dtype: built on meta from a config alone, or resolved as usual (its
+    inputs moved to meta when the model lives there)."""
+    import torch
+    from torch.utils._pytree import tree_map
+
+    from .plan import from_config_directory, is_meta, parse_dtype, to_meta, weightless_directory
+    from .sources import resolve
+
+    wanted = parse_dtype(dtype)
+    if mixed_precision and wanted == torch.float32:
+        raise typer.BadParameter("--mixed-precision computes in 16 bits: pass --dtype bfloat16 or float16")
+    if weightless_directory(model):
+        if mixed_precision and wanted is None:  # a float32 config trains in bfloat16 under mixed precision
+            from .plan import config_dtype
+
+            raw = json.loads((pathlib.Path(model) / "config.json").read_text())
+            wanted = torch.bfloat16 if (config_dtype(raw) or torch.float32) == torch.float32 else None
+        return from_config_directory(pathlib.Path(model), seq_len, 0, trust_remote_code, wanted)
+    source = resolve(model, seq_len=seq_len, trust_remote_code=trust_remote_code)
+    own = next((p.dtype for p in source.model.parameters() if p.is_floating_point()), None)
+    if wanted is None and mixed_precision and own == torch.float32:
+        wanted = torch.bfloat16
+    if wanted is not None and wanted != own:
+        if getattr(source.model, "ringify_program", None) is not None:
+            raise typer.BadParameter("--dtype and --mixed-precision apply to model directories and factories; a .pt2 "
+                                     "program keeps the dtypes it was exported with")
+        source.model.to(wanted)
+        cast = lambda x: x.to(wanted) if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
+        source.args, source.kwargs = tree_map(cast, (source.args, source.kwargs))
+    if is_meta(source.model):
+        source.args, source.kwargs = to_meta((source.args, source.kwargs))
+        source.name += " (meta)"
+    return source
+
+
+def _plan_capture(source):
+    """``capture`` of the source; on meta, a failure says that planning without weights needs code that reads
+    no tensor values."""
+    from .capture import capture
+    from .plan import explain_meta_failure, is_meta
+
+    try:
+        return capture(source.model, source.args, source.kwargs, source.seq_dim)
+    except Exception as err:  # noqa: BLE001 - reworded only on meta
+        explained = explain_meta_failure(type(source.model).__name__, err, "capturing it") if is_meta(
+            source.model) else None
+        if explained is None:
+            raise
+        raise explained from err
 
 
 # ------------------------------------------------------------------------------------------------- run

@@ -34,3 +34,29 @@ def running_sum():
 
 def not_a_module():
     return "hello"
+
+
+def tiny_gpt_meta():
+    """TinyGPT built on the meta device, without example inputs: a plan without weights (``ringify report``)."""
+    with torch.device("meta"):
+        return TinyGPT(vocab=61, d_model=32, n_head=4, n_layer=2, max_len=256)
+
+
+class ReadsItsBuffer(nn.Module):
+    """Python reads a buffer's value (a layer count): fine with real tensors, impossible on meta."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.register_buffer("depth", torch.tensor(2))
+
+    def forward(self, x):
+        for _ in range(int(self.depth)):
+            x = self.proj(x)
+        return x
+
+
+def reads_its_buffer_meta():
+    with torch.device("meta"):
+        model = ReadsItsBuffer()
+    return model, (torch.randn(1, 16, 8),)

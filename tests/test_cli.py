@@ -83,6 +83,27 @@ def test_report_json_names_every_layer_and_its_costs(tmp_path):
         assert layer["ffn"]
     assert report["cost"]["estimate"]["hardware"]["name"] == "a100-nvlink"
     assert html.stat().st_size > 10_000 and "data:image/png;base64" in html.read_text()
+    cost = report["cost"]
+    assert cost["outputs"] == "full" and set(cost["max_context_by_outputs"]) == {"full", "local"}
+    assert cost["max_context"] == cost["max_context_by_outputs"]["full"]
+    assert cost["profile"]["optimizer"] == "adam" and cost["estimate"]["per_device"]["optimizer_states"] > 0
+    page = html.read_text()
+    assert 'outputs=&quot;full&quot; (in force)' in page and 'outputs=&quot;local&quot;' in page
+
+
+def test_report_plans_local_outputs_and_shows_both_largest_contexts():
+    """--outputs local: the rewrite keeps the logits local, the cost model says it is in force, and the Markdown
+    gives the largest context for both settings, the one in force first."""
+    result = cli("report", "cli_models:tiny_gpt", "--world-size", 4, "--seq-len", 64, "--outputs", "local",
+                 "--optimizer", "none")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("- largest context")]
+    assert len(lines) == 2 and 'outputs="local"' in lines[0] and "in force" in lines[0], lines
+    assert 'outputs="full"' in lines[1] and "in force" not in lines[1], lines
+    assert "(local)" in result.stdout and "(gathered)" not in result.stdout  # the outputs line of the rewrite
+    assert "optimizer: none counted" in result.stdout
+    bad = cli("report", "cli_models:tiny_gpt", "--outputs", "sideways")
+    assert bad.exit_code == 2 and "full or local" in bad.output
 
 
 def test_piped_report_is_plain_markdown_with_whole_paths():
