@@ -201,7 +201,9 @@ class ModelProfile:
     activation_bytes_fixed: float = 0.0
     # [fixed, per_token] lines. The peak of forward + backward (gradients made so far included) moves
     # between moments as the length grows (the end of backward while gradients dominate, its start once
-    # activations do): one chord per pair of consecutive fit lengths, the estimate takes the largest.
+    # activations do): one chord per pair of consecutive fit lengths, and one through the moment the
+    # activations peak (with the gradients made by then), which the step's peak reaches once the sequence is
+    # longer than the fitted ones; the estimate takes the largest.
     step_peak_lines: list = field(default_factory=list)
     attention_forward_lines: list = field(default_factory=list)   # alive when each attention forward starts
     attention_backward_lines: list = field(default_factory=list)  # alive when each attention backward starts
@@ -734,6 +736,7 @@ def _meter():
         def __init__(self):
             super().__init__()
             self.gradient_bytes, self.activation_peak, self._seen = 0, 0, set()
+            self.live_at_activation_peak = 0  # gradients made by then included
 
         def gradient(self, param: torch.Tensor) -> None:
             if id(param) not in self._seen and param.grad is not None:
@@ -746,7 +749,8 @@ def _meter():
 
         def _track(self, storage) -> None:
             super()._track(storage)
-            self.activation_peak = max(self.activation_peak, self.activation_bytes)
+            if self.activation_bytes > self.activation_peak:
+                self.activation_peak, self.live_at_activation_peak = self.activation_bytes, self.live_bytes
 
     return GradientMeter()
 
@@ -871,7 +875,8 @@ def _simulate(gm: fx.GraphModule, symbols: set, seq_len: int, training: bool) ->
         recorder.meter = None
         del outs
     return {"peak": meter.peak_bytes, "after_forward": after_forward, "outputs": output_bytes,
-            "activation_peak": meter.activation_peak, "gradients": meter.gradient_bytes,
+            "activation_peak": meter.activation_peak, "activation_moment": meter.live_at_activation_peak,
+            "gradients": meter.gradient_bytes,
             "attention_forward": recorder.forward_live, "attention_backward": recorder.backward_live,
             "attention_backward_activations": recorder.backward_activations}
 
@@ -969,6 +974,10 @@ def _fit_profile(gm: fx.GraphModule, symbols: set, profile: ModelProfile, length
     profile.step_peak_lines = [chord(a, b, runs[a]["peak"], runs[b]["peak"]) for a, b in zip(ns, ns[1:])]
     profile.activation_peak_lines = [chord(a, b, runs[a]["activation_peak"], runs[b]["activation_peak"])
                                      for a, b in zip(ns, ns[1:])]
+    # the moment of the activations' peak with the gradients made by then: once the sequence is long, the step's
+    # peak is there (the start of backward), though at the fitted lengths it may still be at the end of backward
+    profile.step_peak_lines += [chord(a, b, runs[a]["activation_moment"], runs[b]["activation_moment"])
+                                for a, b in zip(ns, ns[1:])]
     profile.attention_forward_lines = events("attention_forward")
     profile.attention_backward_lines = events("attention_backward")
     profile.attention_backward_activation_lines = events("attention_backward_activations")
