@@ -19,8 +19,10 @@ stale. Python control flow on activations or on the sequence length fails in bot
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import itertools
 import operator
 import os
 import traceback
@@ -28,11 +30,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint as torch_checkpoint
 from torch import fx
 from torch.export import Dim
+from torch.fx import traceback as fx_traceback
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .errors import UnsupportedModelError
+from .passes.regions import CHECKPOINT
 
 
 @dataclass
@@ -44,6 +49,9 @@ class Captured:
     program: object = None        # the ExportedProgram (what ``ringify convert`` saves); None for other frontends
     frontend: str = "export"      # "export" or "symbolic_trace" (the fallback, see capture_symbolic_trace)
     unflatten: Callable | None = None  # rebuilds the model's output from the graph's flat outputs (fallback only)
+    checkpoints: dict = dataclasses.field(default_factory=dict)  # region id -> the model's checkpoint options
+    module_prefix: str = ""       # what nn_module_stack paths carry before the model's own paths ("model." via FlatCall)
+    parameter_paths: dict = dataclasses.field(default_factory=dict)  # get_attr target -> model path (FSDP2 only)
 
     def __call__(self, gm: fx.GraphModule, args, kwargs):
         out = gm(*FlatCall.tensors(args, kwargs)) if self.flat else gm(*args, **kwargs)
@@ -124,6 +132,14 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, seq_dim: int = 1,
     if frontend not in ("auto", "export", "symbolic_trace"):
         raise ValueError(f"frontend must be 'auto', 'export' or 'symbolic_trace', got {frontend!r}")
     sequence_length(args, kwargs, seq_dim)  # no sequence dim: say so before trying anything
+    recorder = CheckpointRecorder()
+    with recorder:
+        captured = _capture(model, args, kwargs, seq_dim, frontend)
+    captured.checkpoints = recorder.regions
+    return captured
+
+
+def _capture(model: torch.nn.Module, args: tuple, kwargs: dict, seq_dim: int, frontend: str) -> Captured:
     if frontend == "symbolic_trace":
         return capture_symbolic_trace(model, args, kwargs, seq_dim)
     try:
@@ -135,6 +151,93 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict, seq_dim: int = 1,
             return capture_symbolic_trace(model, args, kwargs, seq_dim)
         except Exception as fx_err:  # noqa: BLE001
             raise _model_error(model, args, kwargs) or _export_refusal(model, export_err, fx_err) from export_err
+
+
+class CheckpointRecorder:
+    """While capturing: run ``torch.utils.checkpoint`` regions plainly and mark the nodes they make.
+
+    Capture runs the forward once; neither the reentrant checkpoint (an autograd Function) nor the
+    non-reentrant one (saved-tensor hooks) leaves a trace in the graph, so the recomputation the user
+    asked for would be lost. Inside this context each outermost ``checkpoint(fn, ...)`` call (direct,
+    through HF's ``gradient_checkpointing_enable()`` or ``checkpoint_wrapper``: all of them reach these
+    two module functions) runs ``fn`` with ``meta["custom"][CHECKPOINT] = region id`` on every node it
+    makes (``torch.fx.traceback.annotate`` under export, the tracer's own hook under symbolic_trace);
+    ``regions[id]`` keeps the call's options (``context_fn``, ``preserve_rng_state``..., and the
+    saved-tensor hooks the call ran under, such as HF's ``offload=True`` ``save_on_cpu``) for the rewritten graph, which checkpoints the same regions again (:mod:`ringify.passes.regions`).
+    Nested checkpoints inside a region are part of it.
+    """
+
+    active: "CheckpointRecorder | None" = None  # the recorder in force (one capture at a time)
+
+    def __init__(self):
+        self.regions: dict[int, dict] = {}
+        self.current: int | None = None
+        self._ids = itertools.count()
+
+    def __enter__(self) -> "CheckpointRecorder":
+        self._saved = (torch_checkpoint.CheckpointFunction, torch_checkpoint._checkpoint_without_reentrant_generator,
+                       _HOOKS.__enter__, _HOOKS.__exit__)
+        torch_checkpoint.CheckpointFunction = _RecordedReentrant
+        torch_checkpoint._checkpoint_without_reentrant_generator = _recorded_non_reentrant
+        self.hooks: list = []  # saved-tensor hooks the model enters while capturing (HF's offload: save_on_cpu)
+        enter, exit_ = _HOOKS.__enter__, _HOOKS.__exit__
+
+        def entered(hooks, *a):
+            self.hooks.append(hooks)
+            return enter(hooks, *a)
+
+        def exited(hooks, *a):
+            if self.hooks and self.hooks[-1] is hooks:
+                self.hooks.pop()
+            return exit_(hooks, *a)
+
+        _HOOKS.__enter__, _HOOKS.__exit__ = entered, exited
+        self._outer, CheckpointRecorder.active = CheckpointRecorder.active, self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        (torch_checkpoint.CheckpointFunction, torch_checkpoint._checkpoint_without_reentrant_generator,
+         _HOOKS.__enter__, _HOOKS.__exit__) = self._saved
+        CheckpointRecorder.active = self._outer
+
+    @contextlib.contextmanager
+    def region(self, options: dict):
+        if self.current is not None:  # nested: the outer region recomputes it
+            yield
+            return
+        self.current = next(self._ids)
+        if self.hooks:  # a checkpoint under save_on_cpu (HF's offload=True): its saved inputs go to the host
+            options = {**options, "saved_tensors_hooks": self.hooks[-1]}
+        self.regions[self.current] = options
+        try:
+            with fx_traceback.annotate({CHECKPOINT: self.current}):
+                yield
+        finally:
+            self.current = None
+
+
+_HOOKS = torch.autograd.graph.saved_tensors_hooks
+
+
+class _RecordedReentrant:
+    """``torch.utils.checkpoint.CheckpointFunction`` while capturing (``use_reentrant=True``)."""
+
+    @staticmethod
+    def apply(function, preserve_rng_state, *args):
+        with CheckpointRecorder.active.region({"preserve_rng_state": preserve_rng_state, "reentrant": True}):
+            return function(*args)
+
+
+def _recorded_non_reentrant(function, preserve_rng_state, context_fn, determinism_check, debug, early_stop,
+                            *args, **kwargs):
+    """``torch.utils.checkpoint._checkpoint_without_reentrant_generator`` while capturing: checkpoint
+    runs ``function`` between its two steps, here inside the region."""
+    options = {"preserve_rng_state": preserve_rng_state, "determinism_check": determinism_check, "debug": debug,
+               "early_stop": early_stop}
+    if context_fn is not torch_checkpoint.noop_context_fn:
+        options["context_fn"] = context_fn  # selective checkpointing: the same policy on the rewritten region
+    with CheckpointRecorder.active.region(options):
+        yield
 
 
 def _model_error(model: torch.nn.Module, args: tuple, kwargs: dict) -> UnsupportedModelError | None:
@@ -170,17 +273,21 @@ def capture_export(model: torch.nn.Module, args: tuple, kwargs: dict, seq_dim: i
     flat = False
     try:
         dynamic = _dynamic_shapes(model, args, kwargs, seq_dim, seq_len)
-        program = torch.export.export(model, tuple(args), dict(kwargs), strict=False, dynamic_shapes=dynamic)
+        with fx_traceback.preserve_node_meta():  # annotate() (checkpoint regions) reaches export's nodes through it
+            program = torch.export.export(model, tuple(args), dict(kwargs), strict=False, dynamic_shapes=dynamic)
     except Exception as first_err:  # noqa: BLE001 - retry flattened (see FlatCall), then report the first error
         try:
             wrapper = FlatCall(model, args, kwargs)
             tensors = FlatCall.tensors(args, kwargs)
             spec = tuple(_sequence_spec(t, seq_dim, seq_len) for t in tensors)
-            program = torch.export.export(wrapper, tensors, strict=False, dynamic_shapes=(spec,))
+            with fx_traceback.preserve_node_meta():
+                program = torch.export.export(wrapper, tensors, strict=False, dynamic_shapes=(spec,))
             flat = True
         except Exception:  # noqa: BLE001
             raise first_err from None
-    return from_program(program, seq_len, seq_dim, flat)
+    captured = from_program(program, seq_len, seq_dim, flat)
+    captured.module_prefix = "model." if flat else ""
+    return captured
 
 
 def _export_refusal(model, export_err: BaseException, fx_err: BaseException | None = None) -> UnsupportedModelError:
@@ -279,6 +386,13 @@ class _Tracer(fx.Tracer):
             return super().trace(root, concrete_args)
         finally:
             torch._C._set_grad_enabled = set_grad_enabled
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        recorder = CheckpointRecorder.active
+        if recorder is not None and recorder.current is not None:  # annotate() does not reach symbolic_trace
+            node.meta.setdefault("custom", {})[CHECKPOINT] = recorder.current
+        return node
 
     def _filter_traceback_frames(self, summary: traceback.StackSummary) -> traceback.StackSummary:
         frames = super()._filter_traceback_frames(summary)
