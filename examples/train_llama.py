@@ -1,12 +1,17 @@
-"""Train a small Llama (GQA, RoPE) on a ring of ranks; check every step against a single device.
+"""Train a small Llama (GQA, RoPE) with FSDP2 over data parallel x ringify over the sequence; check it.
 
-Every rank builds the same model and the same batch. The ringified model holds only this rank's
-slice of the sequence; a deepcopy of the initial model trains on the full sequence in the same
-process as the reference. Both take the same AdamW steps, so their loss curves must agree step for
-step (fp32: relative difference < 1e-5).
+The README's training recipe: a 2-D mesh (dp x cp), ``fully_shard`` on each layer and on the model over
+``mesh["dp"]`` (parameters, gradients and optimizer states split over dp), ``ringify(model, mesh["cp"],
+outputs="local")`` (the sequence split over cp; the logits stay this rank's shard, the loss is the
+whole sequence's), the model's own activation checkpointing kept (``--checkpoint hf``) or every layer
+recomputed (``--checkpoint layers``). Each dp replica trains on its own batch, the same on its cp ranks.
 
-    torchrun --nproc_per_node 3 examples/train_llama.py      # gloo on CPU, nccl on GPUs
-    python examples/train_llama.py --world-size 3             # spawns 3 CPU gloo processes
+A deepcopy of the initial model trains on one device in the same process, on the mean gradient of all
+replicas' batches: the same AdamW steps, so the losses and, at the end, every parameter must agree
+(fp32: relative difference < 1e-5).
+
+    torchrun --nproc_per_node 4 examples/train_llama.py --dp 2 --cp 2   # gloo on CPU, nccl on GPUs
+    python examples/train_llama.py --dp 2 --cp 2                         # spawns 4 CPU gloo processes
 """
 
 from __future__ import annotations
@@ -17,55 +22,100 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ringify import ringify
 
 
-def train(args: argparse.Namespace) -> list[tuple[float, float]]:
-    """On one rank: `args.steps` AdamW steps of the ring model and of the reference; their losses."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    torch.manual_seed(args.seed)  # same weights and data on every rank
+def build(args: argparse.Namespace, device: torch.device) -> LlamaForCausalLM:
+    torch.manual_seed(args.seed)  # same weights on every rank
     cfg = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=4 * args.dim, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
         attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(cfg).to(device)
-    ref = copy.deepcopy(model)  # the single-device run
-    ring = ringify(model)       # default process group, zigzag layout
+    model = LlamaForCausalLM(cfg).to(device).train()
+    if args.checkpoint == "hf":
+        model.gradient_checkpointing_enable()
+    return model
 
+
+def train(args: argparse.Namespace) -> dict:
+    """On one rank: ``args.steps`` AdamW steps of the recipe and of the single-device reference."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    model = build(args, device)
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(args.seed + 1)  # every replica's batches, the same on every rank
+    batches = [[torch.randint(args.vocab, (args.batch, args.seq_len), generator=g).to(device) for _ in range(args.dp)]
+               for _ in range(args.steps)]
+
+    # ------------------------------------------------------------------ the recipe (README: Training)
+    mesh = init_device_mesh(device.type, (args.dp, args.cp), mesh_dim_names=("dp", "cp"))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    rm = ringify(model, mesh["cp"], outputs="local", checkpoint="layers" if args.checkpoint == "layers" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=args.lr)
-    ids = torch.randint(args.vocab, (args.batch, args.seq_len), device=device)  # one batch to memorise
-
+    replica = mesh["dp"].get_local_rank()
     losses = []
-    for _ in range(args.steps):
-        for m, o in ((ring, opt), (ref, ref_opt)):
-            loss = m(input_ids=ids, labels=ids, use_cache=False).loss
+    for step in range(args.steps):
+        ids = batches[step][replica]                     # this dp replica's batch, the same on its cp ranks
+        loss = rm(input_ids=ids, labels=ids).loss        # the whole sequence's loss; logits stay local
+        loss.backward()                                  # grads: DTensors sharded over dp, exact
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mean = loss.detach().clone()
+        dist.all_reduce(mean, group=mesh["dp"].get_group())
+        losses.append(mean.item() / args.dp)
+    # -------------------------------------------------------------------------------------------------
+
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=args.lr)
+    ref_losses = []
+    for step in range(args.steps):
+        total = 0.0
+        for ids in batches[step]:
+            loss = reference(input_ids=ids, labels=ids, use_cache=False).loss / args.dp
             loss.backward()
-            o.step()
-            o.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-    return list(zip(losses[1::2], losses[0::2]))  # (reference, ring) per step
+            total += loss.item()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        ref_losses.append(total)
+    ref_params = dict(reference.named_parameters())
+    param_error = max(((p.full_tensor() - ref_params[n]).norm() / ref_params[n].norm()).item()
+                      for n, p in model.named_parameters())
+    whole = sum(p.numel() * p.element_size() for p in reference.parameters())
+    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    return {"losses": list(zip(ref_losses, losses)), "param_error": param_error, "param_bytes": (local, whole),
+            "regions": [r["kind"] for r in rm.report().regions]}
 
 
-def report(losses: list[tuple[float, float]], world_size: int) -> float:
-    print(f"{'step':>4} {'single device':>14} {f'ring ({world_size} ranks)':>14} {'rel diff':>9}")
+def report(result: dict, args: argparse.Namespace) -> float:
+    print(f"{'step':>4} {'single device':>14} {f'dp {args.dp} x ring {args.cp}':>14} {'rel diff':>9}")
     worst = 0.0
-    for step, (ref, ring) in enumerate(losses):
+    for step, (ref, ring) in enumerate(result["losses"]):
         diff = abs(ring - ref) / abs(ref)
         worst = max(worst, diff)
         print(f"{step:>4} {ref:>14.6f} {ring:>14.6f} {diff:>9.1e}")
+    local, whole = result["param_bytes"]
+    regions = result["regions"]
+    print(f"parameters after {args.steps} steps: max relative difference {result['param_error']:.3e}")
+    print(f"parameters per rank: {local / 2**10:.1f} KiB of {whole / 2**10:.1f} KiB (FSDP2 over dp={args.dp}); "
+          f"{regions.count('fsdp')} FSDP2 modules, {regions.count('checkpoint')} recomputed regions")
+    worst = max(worst, result["param_error"])
     print(f"max relative difference: {worst:.3e}")
     return worst
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--world-size", type=int, default=3, help="ranks to spawn when not under torchrun")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--seq-len", type=int, default=61, help="any length >= world size; odd on purpose")
+    p.add_argument("--dp", type=int, default=2, help="data-parallel replicas (FSDP2)")
+    p.add_argument("--cp", type=int, default=2, help="ring ranks per replica (the sequence split)")
+    p.add_argument("--checkpoint", choices=["hf", "layers", "none"], default="hf",
+                   help="hf: the model's gradient_checkpointing_enable(); layers: ringify recomputes every layer")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--seq-len", type=int, default=61, help="any length >= cp; odd on purpose")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--vocab", type=int, default=97)
     p.add_argument("--dim", type=int, default=64)
@@ -81,19 +131,20 @@ def main() -> None:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend)
-        losses, world_size = train(args), dist.get_world_size()
-        if dist.get_rank() == 0:
-            worst = report(losses, world_size)
+        if dist.get_world_size() != args.dp * args.cp:
+            raise SystemExit(f"--dp {args.dp} x --cp {args.cp} != {dist.get_world_size()} processes")
+        result = train(args)
+        worst = report(result, args) if dist.get_rank() == 0 else 0.0
         dist.destroy_process_group()
         if os.environ["RANK"] != "0":
             return
     else:
         from ringify.launch import LocalRanks
 
-        with LocalRanks(args.world_size) as ranks:
-            losses, world_size = ranks.run(train, args, timeout=600)[0], args.world_size
-        worst = report(losses, world_size)
-    assert worst < 1e-5, f"ring and single-device losses differ: {worst:.3e}"
+        with LocalRanks(args.dp * args.cp) as ranks:
+            result = ranks.run(train, args, timeout=600)[0]
+        worst = report(result, args)
+    assert worst < 1e-5, f"the recipe and the single-device run differ: {worst:.3e}"
 
 
 if __name__ == "__main__":

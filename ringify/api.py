@@ -7,20 +7,27 @@ passes rewrite the graph, and later calls with the same input signature reuse it
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import fx
 from torch.utils._pytree import tree_flatten
 
+from . import fsdp
 from .capture import capture, sequence_length, signature
 from .errors import UnsupportedModelError
 from .passes.attention import canonicalize_attention
 from .passes.ffn import chunk_feed_forward, symbolic_token_dim
+from .passes.regions import mark_checkpoints, module_owners, outline_nested, repeated_layers
 from .passes.shard import shard_graph
 from .report import Report, build_report
+from .runtime import graph_calls
 from .runtime.collectives import local_positions
-from .runtime.comm import group_name, rank_and_size, resolve_group
+from .runtime.comm import all_gather_tensor, default_timeout, group_name, rank_and_size, resolve_group
 from .runtime.layout import check_layout
+
+CHECKPOINT_CHOICES = (None, "layers")
 
 
 class RingModule(torch.nn.Module):
@@ -28,15 +35,19 @@ class RingModule(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, mesh=None, *, layout: str = "zigzag", outputs: str = "full",
                  sync_grads: bool = True, seq_dim: int = 1, ffn_chunk_tokens: int | None = 256,
-                 check_inputs: bool = True):
+                 check_inputs: bool = True, checkpoint: str | None = None):
         super().__init__()
         check_layout(layout)
         if outputs not in ("full", "local"):
             raise ValueError(f"outputs must be 'full' or 'local', got {outputs!r}")
+        if checkpoint not in CHECKPOINT_CHOICES:
+            raise ValueError(f"checkpoint must be None (keep the model's own checkpointing) or 'layers' (recompute "
+                             f"every layer in backward), got {checkpoint!r}")
         self.model = model
         self.group = group_name(mesh)
         self.layout, self.outputs, self.sync_grads = layout, outputs, sync_grads
         self.seq_dim, self.ffn_chunk_tokens, self.check_inputs = seq_dim, ffn_chunk_tokens, check_inputs
+        self.checkpoint = checkpoint
         self._graphs: dict[tuple, fx.GraphModule] = {}
         self._callers: dict[tuple, object] = {}
         self._reports: dict[tuple, Report] = {}
@@ -65,8 +76,19 @@ class RingModule(torch.nn.Module):
         return local_positions(int(seq_len), self.group, self.layout, torch.device(device or "cpu"))
 
     def forward(self, *args, **kwargs):
+        kwargs = self._without_cache(kwargs)
         key = self._prepare(args, kwargs)
-        return self._callers[key](self._graphs[key], args, kwargs)
+        captured, gm = self._callers[key], self._graphs[key]
+        # under FSDP2 the whole graph is the root module's forward (its hooks around it)
+        return fsdp.call_under_root(self.model, lambda *a, **k: captured(gm, a, k), args, kwargs)
+
+    def _without_cache(self, kwargs: dict) -> dict:
+        """HF models build a key/value cache unless told not to (``use_cache`` defaults to the config's True);
+        a ring forward has no use for one (``rm.generate`` keeps its own, sharded). Unless the caller says
+        otherwise, ``use_cache=False`` is passed, as HF's own trainers do with checkpointing."""
+        if "use_cache" in kwargs or not _takes(self.model, "use_cache"):
+            return kwargs
+        return {**kwargs, "use_cache": False}
 
     @torch.compiler.disable
     def _prepare(self, args, kwargs) -> tuple:
@@ -89,13 +111,21 @@ class RingModule(torch.nn.Module):
         return key
 
     def _rewrite(self, args, kwargs, seq_len: int):
+        fsdp.check_composable(self.model, self.group)
         captured = self._capture(args, kwargs)
         gm, report = rewrite(self.model, captured, group=self.group, world_size=self.world_size, layout=self.layout,
-                             outputs=self.outputs, sync_grads=self.sync_grads, ffn_chunk_tokens=self.ffn_chunk_tokens)
+                             outputs=self.outputs, sync_grads=self.sync_grads, ffn_chunk_tokens=self.ffn_chunk_tokens,
+                             checkpoint=self.checkpoint)
         return gm, report, captured
 
     def _capture(self, args, kwargs):
-        return capture(self.model, args, kwargs, self.seq_dim)
+        if not fsdp.fsdp_modules(self.model):
+            return capture(self.model, args, kwargs, self.seq_dim)
+        with fsdp.unsharded(self.model) as path_of:  # the plain model FSDP2 wraps
+            captured = capture(self.model, args, kwargs, self.seq_dim)
+            captured.parameter_paths = {name: path_of[id(t)] for name, t in
+                                        captured.graph_module.named_parameters(remove_duplicate=False) if id(t) in path_of}
+        return captured
 
     def report(self, hardware: str | None = None) -> Report:
         """What was found, rewritten and refused in the last captured graph, with a picture of the rewritten
@@ -111,8 +141,8 @@ class RingModule(torch.nn.Module):
 
 
 def rewrite(model: torch.nn.Module, captured, *, world_size: int, group: str = "", layout: str = "zigzag",
-            outputs: str = "full", sync_grads: bool = True, ffn_chunk_tokens: int | None = 256
-            ) -> tuple[fx.GraphModule, Report]:
+            outputs: str = "full", sync_grads: bool = True, ffn_chunk_tokens: int | None = 256,
+            checkpoint: str | None = None) -> tuple[fx.GraphModule, Report]:
     """The passes on a captured graph: the rank-local graph for ``world_size`` ranks and its report.
 
     Needs no process group (``group`` only names the one the graph will run on), so ``ringify report``
@@ -137,8 +167,50 @@ def rewrite(model: torch.nn.Module, captured, *, world_size: int, group: str = "
         ffn = chunk_feed_forward(gm, lambda n: symbolic_token_dim(n, captured.symbols), chunk_tokens=ffn_chunk_tokens)
     new, plan = shard_graph(gm, captured.symbols, group=group, layout=layout, world_size=world_size,
                             outputs=outputs, sync_grads=sync_grads, token_local=dropless_experts(model))
+    regions = outline_regions(new, model, captured, checkpoint)
     report = build_report(model, attention, ffn, plan, world_size=world_size, seq_len=seq_len, layout=layout)
+    report.regions = regions
     return new, report
+
+
+def outline_regions(gm: fx.GraphModule, model: torch.nn.Module, captured, checkpoint: str | None) -> list[dict]:
+    """Keep the user's activation checkpointing and FSDP2's module boundaries in the rewritten graph.
+
+    The regions the model ran under ``torch.utils.checkpoint`` (marked at capture), or every layer with
+    ``checkpoint="layers"``, are recomputed in backward; the ops of each module FSDP2 wraps run as that
+    module's forward, reading the parameters its hooks unshard. See :mod:`ringify.passes.regions`."""
+    prefix = getattr(captured, "module_prefix", "")
+    checkpoints = dict(getattr(captured, "checkpoints", {}) or {})
+    if checkpoint == "layers":
+        layers = repeated_layers(model, gm, _is_ring_call, prefix)
+        if not layers:
+            raise UnsupportedModelError(
+                f"checkpoint='layers' recomputes each layer, but {type(model).__name__} has no nn.ModuleList of "
+                "layers holding its attention. Hint: wrap the parts to recompute in torch.utils.checkpoint (ringify "
+                "keeps them), or pass checkpoint=None.")
+        ids = mark_checkpoints(module_owners(gm, layers, prefix), first_id=max(checkpoints, default=-1) + 1)
+        checkpoints.update({i: {} for i in ids.values()})
+    modules = {path: m for path, m in fsdp.fsdp_modules(model).items() if path}  # the root runs around it all
+    if fsdp.fsdp_modules(model):
+        fsdp.read_live_parameters(gm, model, getattr(captured, "parameter_paths", {}) or {}, prefix)
+    regions = outline_nested(gm, checkpoints=checkpoints, modules=modules, prefix=prefix)
+    if modules:
+        fsdp.check_parameters_stay_inside(gm)
+    for region in regions:
+        region["origin"] = "layers" if checkpoint == "layers" and region["kind"] == "checkpoint" else "model"
+    gm.recompile()
+    return regions
+
+
+def _takes(model: torch.nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_ring_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is graph_calls.ring_attention_call
 
 
 def dropless_experts(model: torch.nn.Module) -> tuple[str, ...]:
@@ -183,8 +255,12 @@ def _batch_size(captured) -> int:
     return 1
 
 
-def _check_identical(args, kwargs, group: str) -> None:
-    """Inputs must be full and identical on every rank: compare a checksum of each tensor once."""
+def _check_identical(args, kwargs, group: str, timeout_s: float | None = None) -> None:
+    """Inputs must be full and identical on every rank: compare a checksum of each tensor once.
+
+    Through the runtime's bounded all-gather: a rank that skips the call makes the others raise
+    ``RingTimeoutError`` within the timeout instead of hanging. The number of checksums goes first, so
+    ranks passing different numbers of tensors are told so instead of gathering mismatched sizes."""
     pg = resolve_group(group)
     if rank_and_size(pg)[1] == 1:
         return
@@ -194,11 +270,14 @@ def _check_identical(args, kwargs, group: str) -> None:
             flat = leaf.detach().reshape(-1).double()
             weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device).remainder_(9973)
             sums += [float(leaf.numel()), flat.sum().item(), (flat * weights).sum().item()]
-    mine = torch.tensor(sums, dtype=torch.float64)
-    device = "cuda" if dist.get_backend(pg) == "nccl" else "cpu"
-    mine = mine.to(device)
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(pg))]
-    dist.all_gather(gathered, mine, group=pg)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(pg) == "nccl" else torch.device("cpu")
+    timeout_s = default_timeout() if timeout_s is None else timeout_s
+    what = "checking that every rank got the same inputs (ringify's first call)"
+    counts = all_gather_tensor(torch.tensor([len(sums)], dtype=torch.float64, device=device), pg, timeout_s, what)
+    if len({int(c.item()) for c in counts}) > 1:
+        raise ValueError(f"ringify: the ranks pass different numbers of tensors ({[int(c.item()) for c in counts]}). "
+                         "Every rank must call the ringified model with the same full-length inputs.")
+    gathered = all_gather_tensor(torch.tensor(sums, dtype=torch.float64, device=device), pg, timeout_s, what)
     differing = [r for r, g in enumerate(gathered) if not torch.equal(g, gathered[0])]
     if differing:
         raise ValueError(
@@ -212,5 +291,6 @@ def ringify(model: torch.nn.Module, mesh=None, **options) -> RingModule:
     holds only its shard of the sequence. Options: ``layout`` ('zigzag', 'contiguous', 'striped'),
     ``outputs`` ('full' or 'local': this rank's tokens, at ``rm.local_positions()``), ``sync_grads`` (sum
     parameter gradients over ranks in backward; off when DDP/FSDP over the same ranks sums them),
-    ``seq_dim`` (the inputs' sequence dim, 1), ``ffn_chunk_tokens`` (feed-forward chunk, None = off)."""
+    ``seq_dim`` (the inputs' sequence dim, 1), ``ffn_chunk_tokens`` (feed-forward chunk, None = off),
+    ``checkpoint`` (None: keep the model's own activation checkpointing; 'layers': recompute every layer)."""
     return RingModule(model, mesh, **options)

@@ -23,6 +23,7 @@ class Report:
     synced_parameters: int = 0
     token_local_modules: list[str] = field(default_factory=list)
     refused: list[dict] = field(default_factory=list)
+    regions: list[dict] = field(default_factory=list)  # checkpointed / FSDP2 regions: ringify.passes.regions.outline_nested
     graph: dict = field(default_factory=dict)  # condensed rewritten graph: ringify.html.graph_summary
     cost: dict = field(default_factory=dict)   # memory and ring-step model: ringify.cost.cost_summary
 
@@ -58,6 +59,7 @@ class Report:
                   f"- outputs: " + (", ".join(f"{o['node']} ({'gathered' if 'gathered_dim' in o else 'local'})"
                                                 for o in self.outputs) or "none"),
                   f"- parameters whose gradients are summed over ranks: {self.synced_parameters}"]
+        lines += _regions_markdown(self.regions)
         if self.token_local_modules:
             lines.append(f"- run whole on this rank's tokens (dropless mixture-of-experts: each token's output is "
                          f"its own): {', '.join(self.token_local_modules)}")
@@ -166,6 +168,22 @@ def _setup_text(profile: dict) -> str:
     if dp > 1:
         parts.append(f"FSDP2 over dp={dp}: parameters, gradients and optimizer states 1/{dp} per device")
     return ", ".join(parts)
+
+
+def _regions_markdown(regions: list[dict]) -> list[str]:
+    """What runs recomputed in backward (activation checkpointing kept or asked for) and inside FSDP2's hooks."""
+    lines = []
+    fsdp = [r for r in regions if r.get("kind") == "fsdp"]
+    recomputed = [r for r in regions if r.get("kind") == "checkpoint"]
+    if recomputed:
+        origin = {r.get("origin", "model") for r in recomputed}
+        why = "checkpoint='layers'" if origin == {"layers"} else "the model's own activation checkpointing"
+        lines.append(f"- recomputed in backward ({why}, torch.utils.checkpoint): {len(recomputed)} regions: "
+                     + ", ".join(r.get("module") or r.get("name", "?") for r in recomputed))
+    if fsdp:
+        lines.append(f"- run as FSDP2 modules' forwards (their unshard/reshard and reduce-scatter hooks): "
+                     + ", ".join(r.get("module", "?") for r in fsdp))
+    return lines
 
 
 def _softcap_text(attn: dict) -> str:

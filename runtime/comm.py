@@ -46,9 +46,11 @@ def group_name(group) -> str:
         return group
     if hasattr(group, "get_group"):  # DeviceMesh
         if group.ndim != 1:
+            names = getattr(group, "mesh_dim_names", None)
             raise ValueError(
-                f"ring attention needs a 1-D DeviceMesh, got {group.ndim}-D; pass mesh['<dim name>'] for the "
-                "sequence-parallel dimension"
+                f"the ring needs a 1-D DeviceMesh, got a {group.ndim}-D one{f' (dims {names})' if names else ''}; pass "
+                f"its sequence-parallel dimension, e.g. mesh[{(names or ('cp',))[-1]!r}] (and data-parallel "
+                "wrappers such as fully_shard the other one)"
             )
         group = group.get_group()
     if not isinstance(group, dist.ProcessGroup):
@@ -83,13 +85,20 @@ def _wait(work, timeout_s: float, what: str, rank: int) -> None:
 
 def all_gather_ints(values: list[int], group, device: torch.device, timeout_s: float, what: str) -> list[list[int]]:
     """Every rank's list of ints (same length on all ranks), with a bounded wait."""
-    rank, world = rank_and_size(group)
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
-    if world == 1:
+    if rank_and_size(group)[1] == 1:
         return [values]
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
+    return [t.tolist() for t in all_gather_tensor(mine, group, timeout_s, what)]
+
+
+def all_gather_tensor(mine: torch.Tensor, group, timeout_s: float, what: str) -> list[torch.Tensor]:
+    """Every rank's ``mine`` (same shape on all ranks), with a bounded wait."""
+    rank, world = rank_and_size(group)
+    if world == 1:
+        return [mine]
     gathered = [torch.empty_like(mine) for _ in range(world)]
     _wait(dist.all_gather(gathered, mine, group=group, async_op=True), timeout_s, what, rank)
-    return [t.tolist() for t in gathered]
+    return gathered
 
 
 def all_gather_strings(text: str, group) -> list[str]:
