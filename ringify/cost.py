@@ -30,8 +30,11 @@ them, and fitted as lines ``fixed + per_token * L``: the bytes alive when each a
 each attention backward starts (one line per call: the same moment at every length; the first
 attention backward is the step's peak on most models, with every activation still saved and the
 ring at work), the peak of the whole step (one chord per pair of lengths: the moment of that peak
-moves from the end of backward, where gradients dominate, to its start as the sequence grows), and
-the bytes of the outputs. Per device then ``L = ceil(S / W)`` tokens, and the ring's own memory is
+moves from the end of backward, where gradients dominate, to its start as the sequence grows; and a
+line through the moment the activations peak, where long sequences put it even when the fitted
+lengths did not), and the bytes of the outputs. The backward moments and the peak are fitted with
+and without the parameter gradients made so far (the meter knows them from post-accumulate hooks):
+FSDP2 frees each layer's gradients after its reduce-scatter (see "Training state"). Per device then ``L = ceil(S / W)`` tokens, and the ring's own memory is
 added analytically, following what ``runtime/ring_attention.py`` and ``runtime/block_attention.py``
 allocate:
 
@@ -69,6 +72,29 @@ Checked against :class:`ringify.memory.PeakMemory` on CPU gloo ranks (``tests/te
 bound there is 25%): predicted total minus parameters and buffers against the measured peak of a loss
 forward + backward. Small Llama (GQA, HF causal mask) and nanoGPT-style TinyGPT, 256 to 2000 tokens on
 1 to 4 ranks, batch 1 and 2, training and inference: within 12%, most within 6%.
+
+Training state
+--------------
+What a training step keeps besides activations follows the profile's setup (``optimizer``,
+``mixed_precision``, ``dp``; ``ringify report --optimizer --mixed-precision --dp``). ``P`` parameters
+(``T`` of them trainable), ``c`` bytes each in the dtype the graph computes in:
+
+- without FSDP (``dp`` 1, no mixed precision): parameters ``P c`` and gradients ``T c`` on every device
+  (DDP replicates both), optimizer states ``k T c`` (``k`` = 0 for ``none``, 1 for ``sgd`` (momentum),
+  2 for ``adam``/AdamW; torch's optimizers keep their states in the parameters' dtype). Every gradient
+  stays where backward made it, so the fake run's peak (which has the gradients made so far) is used.
+- with FSDP2 (``dp`` > 1, or mixed precision, which is FSDP2's ``MixedPrecisionPolicy(param_dtype=
+  bfloat16, reduce_dtype=float32)``): the stored parameters, gradients and states are sharded,
+  ``P m / dp``, ``T m / dp`` and ``k T m / dp`` per device, with ``m`` = 4 (float32 masters) under
+  mixed precision and ``c`` otherwise. Each layer's gradients leave with its reduce-scatter, so the fake
+  run's peak *without* parameter gradients is used, and FSDP2's unsharded compute-dtype copies are added
+  as ``gathered_parameters``: the root unit (everything outside the model's largest ``nn.ModuleList`` of
+  blocks: embeddings, final norm, LM head; FSDP2 keeps it unsharded through forward and backward) with its
+  gradients, and two blocks (the one computing and the one prefetched, or in backward one block's
+  parameters and its gradients before the reduce-scatter): ``(2 root + 2 block) c`` in training.
+
+Buffers are never sharded. Planning on the ``meta`` device (``ringify.plan``) changes nothing here:
+parameter counts and dtypes are all the model needs, and the fake runs never read values.
 
 How the ring step is modelled
 -----------------------------
