@@ -195,7 +195,7 @@ def _skip_identity_dropout(node, absorbed: list) -> fx.Node:
 
 def _signature(node: fx.Node):
     kw = _kwargs(node)
-    return node.target, tuple(sorted((k, "<node>" if isinstance(v, fx.Node) else repr(v)) for k, v in kw.items()))
+    return node.target, tuple(sorted(((str(k), "<node>" if isinstance(v, fx.Node) else repr(v)) for k, v in kw.items())))
 
 
 def _as_digraph(region: list[fx.Node], start: fx.Node, end: fx.Node) -> nx.DiGraph:

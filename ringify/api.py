@@ -8,6 +8,8 @@ passes rewrite the graph, and later calls with the same input signature reuse it
 from __future__ import annotations
 
 import inspect
+import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -75,12 +77,46 @@ class RingModule(torch.nn.Module):
             seq_len = self._last_seq_len
         return local_positions(int(seq_len), self.group, self.layout, torch.device(device or "cpu"))
 
+    def gather(self, local: torch.Tensor, dim: int | None = None, seq_len: int | None = None) -> torch.Tensor:
+        """The full sequence of an ``outputs="local"`` output on every rank (``dim``: its sequence dim, default
+        ``seq_dim``; ``seq_len``: default the last call's). Differentiable: backward keeps this rank's part."""
+        from .runtime.sequence import gather_sequence
+
+        dim = self.seq_dim if dim is None else dim
+        seq_len = self._last_seq_len if seq_len is None else seq_len
+        if seq_len is None:
+            raise RuntimeError("call the module once, or pass seq_len")
+        return gather_sequence(local, dim, self.group, self.layout, seq_len)
+
     def forward(self, *args, **kwargs):
         kwargs = self._without_cache(kwargs)
         key = self._prepare(args, kwargs)
         captured, gm = self._callers[key], self._graphs[key]
         # under FSDP2 the whole graph is the root module's forward (its hooks around it)
         return fsdp.call_under_root(self.model, lambda *a, **k: captured(gm, a, k), args, kwargs)
+
+    def _warn_gathered_outputs(self, captured, seq_len: int) -> None:
+        """Warn once when ``outputs="full"`` would gather more to every rank than the rank's own parameters and
+        gradients hold (logits: O(sequence x vocab), growing with the context instead of shrinking with W)."""
+        if self.outputs != "full" or self.world_size == 1 or getattr(self, "_warned_outputs", False):
+            return
+        gathered = gathered_outputs(captured, self._reports[self._key_of(captured)], seq_len)
+        total = sum(nbytes for _, _, nbytes in gathered)
+        state = sum(_local(p).numel() * p.element_size() for p in self.model.parameters())
+        state *= 2 if self.model.training else 1
+        if total <= max(state, 2**20):
+            return
+        self._warned_outputs = True
+        what = ", ".join(f"`{name}` {list(shape)}" for name, shape, _ in gathered)
+        warnings.warn(
+            f"ringify: outputs='full' gathers {what} to full length on every rank: {_gib(total)} per rank at "
+            f"{seq_len} tokens, more than this rank's parameters and gradients ({_gib(state)}), and it grows with "
+            "the context instead of shrinking with the ranks. For training pass outputs='local' (each rank keeps its "
+            "tokens, at rm.local_positions(); a loss computed inside the model is still the whole sequence's) and "
+            "get a full tensor only where needed with rm.gather(out.logits).", stacklevel=4)
+
+    def _key_of(self, captured) -> tuple:
+        return next(k for k, c in self._callers.items() if c is captured)
 
     def _without_cache(self, kwargs: dict) -> dict:
         """HF models build a key/value cache unless told not to (``use_cache`` defaults to the config's True);
@@ -107,6 +143,7 @@ class RingModule(torch.nn.Module):
             if self.check_inputs:
                 _check_identical(args, kwargs, self.group)
             self._graphs[key], self._reports[key], self._callers[key] = self._rewrite(args, kwargs, seq_len)
+            self._warn_gathered_outputs(self._callers[key], seq_len)
         self._last = key
         return key
 
@@ -200,6 +237,32 @@ def outline_regions(gm: fx.GraphModule, model: torch.nn.Module, captured, checkp
         region["origin"] = "layers" if checkpoint == "layers" and region["kind"] == "checkpoint" else "model"
     gm.recompile()
     return regions
+
+
+def gathered_outputs(captured, report: Report, seq_len: int) -> list[tuple[str, tuple, int]]:
+    """(name, full shape, bytes) of each output gathered to full length on every rank."""
+    gathered = {o["node"] for o in report.outputs if "gathered_dim" in o}
+    out = []
+    for node in captured.graph_module.graph.nodes:
+        val = node.meta.get("val")
+        if node.name in gathered and isinstance(val, torch.Tensor):
+            shape = tuple(_at_length(d, captured.symbols, seq_len) for d in val.shape)
+            out.append((node.name, shape, math.prod(shape) * val.element_size()))
+    return out
+
+
+def _at_length(size, symbols: set, seq_len: int) -> int:
+    if isinstance(size, torch.SymInt):
+        return int(size.node.expr.subs({s: seq_len for s in symbols}))
+    return int(size)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _takes(model: torch.nn.Module, name: str) -> bool:

@@ -376,6 +376,36 @@ def test_inputs_that_differ_between_ranks_are_refused_on_every_rank(ranks, seed)
     assert ranks(2).run(_inputs_differ, seed) == [True, True]
 
 
+def _skip_first_call(seed):
+    """Rank 1 never calls the ringified model; rank 0's identical-inputs check must give up in bounded time."""
+    import time
+
+    import torch.distributed as dist
+
+    from ringify.runtime import RingTimeoutError, set_default_timeout
+
+    if dist.get_rank() == 1:
+        time.sleep(8)
+        return None
+    model, args, _ = build("nanogpt", seed, 11)
+    set_default_timeout(2)
+    start = time.perf_counter()
+    with pytest.raises(RingTimeoutError, match="same inputs"):
+        ringify(model)(*args)
+    return time.perf_counter() - start
+
+
+def test_first_call_waits_boundedly(seed):
+    from ringify.launch import LocalRanks
+
+    pool = LocalRanks(2)  # its group is broken afterwards: not the shared one
+    try:
+        waited, _ = pool.run(_skip_first_call, seed, timeout=60)
+    finally:
+        pool.close()
+    assert 1.5 < waited < 10
+
+
 def test_world_larger_than_sequence(ranks):
     ranks(3).run(_too_short)
 
@@ -441,3 +471,35 @@ def check_compiled_module(name: str, seed: int, backend: str) -> list[float]:
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_ringified_module_compiles(ranks, seed, backend):
     ranks(2).run(check_compiled_module, "llama-sdpa", seed, backend)
+
+
+class WideHead(nn.Module):
+    """A tiny body under a wide output head: the gathered logits outweigh the parameters."""
+
+    def __init__(self, vocab=6000, d=8):
+        super().__init__()
+        self.embed, self.qkv, self.head = nn.Embedding(vocab, d), nn.Linear(d, 3 * d), nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        q, k, v = self.qkv(self.embed(ids)).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+        return self.head(y)
+
+
+def _gathered_outputs_warn(seed):
+    import warnings
+
+    ids = torch.randint(0, 6000, (1, 97), generator=torch.Generator().manual_seed(seed))
+    model = WideHead()
+    with pytest.warns(UserWarning, match=r"outputs='full' gathers `\w+` \[1, 97, 6000\] .* outputs='local'"):
+        full = ringify(model)(ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # local outputs: nothing to warn about; the full tensor on request
+        rm = ringify(model, outputs="local")
+        local = rm(ids)
+        assert torch.equal(rm.gather(local), full)
+    return True
+
+
+def test_gathered_outputs_warn_once_with_the_fix(ranks, seed):
+    assert ranks(2).run(_gathered_outputs_warn, seed) == [True, True]
