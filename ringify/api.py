@@ -173,7 +173,7 @@ class RingModule(torch.nn.Module):
         wanted = hardware or "cpu-gloo"
         if not report.cost or report.cost.get("estimate", {}).get("hardware", {}).get("name") != wanted:
             complete_report(report, self.model, self._callers[self._last], self._graphs[self._last], wanted,
-                            outputs=self.outputs, ffn_chunk_tokens=self.ffn_chunk_tokens)
+                            outputs=self.outputs, ffn_chunk_tokens=self.ffn_chunk_tokens, checkpoint=self.checkpoint)
         return report
 
 
@@ -291,12 +291,14 @@ def dropless_experts(model: torch.nn.Module) -> tuple[str, ...]:
 
 def complete_report(report: Report, model, captured, new: fx.GraphModule, hardware: str | None = None, *,
                     outputs: str = "full", ffn_chunk_tokens: int | None = 256, training: bool | None = None,
-                    optimizer: str = "none", mixed_precision: bool = False, dp: int = 1) -> Report:
+                    optimizer: str = "none", mixed_precision: bool = False, dp: int = 1,
+                    checkpoint: str | None = None) -> Report:
     """Add the rewritten graph's picture and the cost model for ``hardware`` (a :data:`ringify.cost.HARDWARE`
     name; default ``cpu-gloo``) to ``report``; ``training`` (default: the model's mode) counts backward too.
     ``optimizer`` ("none", "sgd", "adam"), ``mixed_precision`` (fp32 master parameters, gradients and states
     as FSDP2's MixedPrecisionPolicy keeps them) and ``dp`` (FSDP2 ranks sharding them) describe the training
-    step to cost; the defaults cost what the model itself holds (see :mod:`ringify.cost`)."""
+    step to cost; the defaults cost what the model itself holds (see :mod:`ringify.cost`). ``checkpoint``: the
+    ringify option (the model's own checkpointing is always costed; "layers" recomputes every layer)."""
     from .cost import HARDWARE, cost_summary, profile_model
     from .html import graph_summary
 
@@ -305,7 +307,8 @@ def complete_report(report: Report, model, captured, new: fx.GraphModule, hardwa
     batch = _batch_size(captured)
     profile = profile_model(model, captured.graph_module, captured.symbols, attention, batch=batch,
                             training=model.training if training is None else training, outputs=outputs, ffn_chunk_tokens=ffn_chunk_tokens,
-                            layout=report.layout, optimizer=optimizer, mixed_precision=mixed_precision, dp=dp)
+                            layout=report.layout, optimizer=optimizer, mixed_precision=mixed_precision, dp=dp,
+                            checkpoint=checkpoint, module_prefix=getattr(captured, "module_prefix", ""))
     report.cost = cost_summary(profile, report.seq_len, report.world_size, HARDWARE[hardware or "cpu-gloo"])
     return report
 

@@ -211,6 +211,9 @@ def report(
                                          "states, compute in the 16-bit --dtype."),
     dp: int = typer.Option(1, "--dp", min=1, help="FSDP2 data-parallel ranks (a 2-D mesh dp x world size): "
                            "parameters, gradients and optimizer states are sharded over them (1/dp per device)."),
+    checkpoint: str = typer.Option("model", "--checkpoint", help="Activation checkpointing to cost: model (what the "
+                                   "model itself checkpoints, kept by ringify) or layers (ringify(..., "
+                                   "checkpoint='layers'): every layer recomputed in backward)."),
     list_hardware: bool = typer.Option(False, "--list-hardware", help="List the hardware profiles and exit."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow pickles / custom model code."),
 ) -> None:
@@ -235,6 +238,9 @@ def report(
         raise typer.BadParameter(f"--outputs must be full or local, got {outputs!r}")
     if optimizer not in OPTIMIZER_STATES:
         raise typer.BadParameter(f"--optimizer must be one of {', '.join(OPTIMIZER_STATES)}, got {optimizer!r}")
+    if checkpoint not in ("model", "layers"):
+        raise typer.BadParameter(f"--checkpoint must be model or layers, got {checkpoint!r}")
+    layers = "layers" if checkpoint == "layers" else None
     _check_world(seq_len, world_size)
     with _friendly_errors():
         from .api import complete_report, rewrite
@@ -243,9 +249,11 @@ def report(
             source = _plan_source(model, seq_len, dtype, mixed_precision, trust_remote_code)
         with console.status(f"capturing {source.name} and planning the ring for {world_size} ranks"):
             captured = _plan_capture(source)
-            new, result = rewrite(source.model, captured, world_size=world_size, outputs=outputs)
+            new, result = rewrite(source.model, captured, world_size=world_size, outputs=outputs,
+                                  checkpoint=layers if training else None)
             complete_report(result, source.model, captured, new, hardware, training=training, outputs=outputs,
-                            optimizer=optimizer if training else "none", mixed_precision=mixed_precision, dp=dp)
+                            optimizer=optimizer if training else "none", mixed_precision=mixed_precision, dp=dp,
+                            checkpoint=layers)
         if as_json:
             print(result.to_json())
         else:

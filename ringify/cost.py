@@ -215,6 +215,8 @@ class ModelProfile:
     mixed_precision: bool = False        # FSDP2 MixedPrecisionPolicy: fp32 master parameters, gradients and
                                          # optimizer states; compute in the graph's (16-bit) dtype
     dp: int = 1                          # FSDP2 data-parallel ranks that shard parameters, gradients, states
+    checkpoint: str = ""                 # "" (no recomputation), "model" (the model's own checkpointing), "layers"
+    recomputed_regions: int = 0          # regions recomputed in backward (activation checkpointing)
     causal: bool = False                 # every attention causal (or masked by a position comparison)
     causal_flag: bool = False            # every attention has the causal flag itself (not only a causal-like mask)
     masked: bool = False                 # some attention has a block mask: torch block kernels on any device
@@ -250,7 +252,8 @@ class ModelProfile:
 def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols: set, attention: list[dict], *,
                   batch: int, training: bool = True, outputs: str = "full", ffn_chunk_tokens: int | None = 256,
                   layout: str = "zigzag", lengths: tuple[int, int] | None = None, optimizer: str = "none",
-                  mixed_precision: bool = False, dp: int = 1) -> ModelProfile:
+                  mixed_precision: bool = False, dp: int = 1, checkpoint: str | None = None,
+                  module_prefix: str = "") -> ModelProfile:
     """The :class:`ModelProfile` of ``model`` from its captured, unsharded graph.
 
     ``graph_module``: ``ringify.capture.capture(...).graph_module`` (before or after the attention and
@@ -259,7 +262,9 @@ def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols:
     ``ffn_chunk_tokens`` and ``layout``: the ringify options the prediction is for (feed-forward blocks
     are chunked here if the graph is not yet). ``lengths``: the two sequence lengths of the fake runs.
     ``optimizer``, ``mixed_precision``, ``dp``: the training setup (:func:`check_training_setup`). The model
-    may live on the ``meta`` device: nothing here reads parameter values.
+    may live on the ``meta`` device: nothing here reads parameter values. Activation checkpointing is costed
+    as ringify runs it: the regions the model marks (captured in the graph), or every layer with
+    ``checkpoint="layers"``, recomputed in backward (``module_prefix``: capture's ``Captured.module_prefix``).
     """
     check_training_setup(optimizer, dp)
     params = list(model.parameters())
@@ -283,6 +288,7 @@ def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols:
         pass
     gm = _prepared_copy(graph_module, symbols, ffn_chunk_tokens, profile)
     _attention_shapes(gm, attention, profile)
+    run_gm = _recompute_regions(gm, model, checkpoint, module_prefix, profile) if training else gm
     dtype = torch.bfloat16 if profile.dtype_bytes == 2 else torch.float32
     try:
         profile.kernel_workspace = _kernel_workspace(profile.tile_tokens, str(dtype).removeprefix("torch."),
@@ -292,7 +298,7 @@ def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols:
                                     "backward": {"one_piece": [2.1, 2.0], "pieces": [3.3, 2.0]}}
         profile.notes.append(f"block kernel workspace not measured ({type(err).__name__}: {err}); assumed")
     try:
-        _fit_profile(gm, symbols, profile, lengths)
+        _fit_profile(run_gm, symbols, profile, lengths)
     except Exception as err:  # noqa: BLE001 - any model: fall back to the analytic estimate, say so
         _analytic_profile(profile)
         profile.notes.append(f"fake-tensor run failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
@@ -624,6 +630,39 @@ def _prepared_copy(gm: fx.GraphModule, symbols: set, ffn_chunk_tokens: int | Non
     return copy
 
 
+def _recompute_regions(gm: fx.GraphModule, model: torch.nn.Module, checkpoint: str | None, prefix: str,
+                       profile: ModelProfile) -> fx.GraphModule:
+    """A copy of ``gm`` with the regions ringify recomputes in backward outlined (``ringify.passes.regions``),
+    so that the fake run recomputes them too (:meth:`_Simulator.call_module`); ``gm`` itself if none."""
+    from .passes.regions import checkpoint_owners, mark_checkpoints, module_owners, outline_nested, repeated_layers
+
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    original, gm = gm, fx.GraphModule(gm, graph)
+    for node in gm.graph.nodes:  # the copy's own meta (mark_checkpoints writes into it)
+        node.meta = dict(node.meta)
+    regions = {i: {} for i in set(checkpoint_owners(gm).values())}
+    kind = "model" if regions else ""
+    if checkpoint == "layers":
+        canonical = set(_attention_nodes(gm.graph))
+        layers = repeated_layers(model, gm, lambda n: n in canonical, prefix)
+        if layers:
+            ids = mark_checkpoints(module_owners(gm, layers, prefix), first_id=max(regions, default=-1) + 1)
+            regions.update({i: {} for i in ids.values()})
+            kind = "layers"
+        else:
+            profile.notes.append("checkpoint='layers': no nn.ModuleList of layers found; nothing recomputed")
+    if not regions:
+        return original
+    try:
+        done = outline_nested(gm, checkpoints=regions, modules={}, prefix=prefix)
+    except Exception as err:  # noqa: BLE001 - cost without recomputation, and say so
+        profile.notes.append(f"checkpointed regions not outlined for the cost model ({type(err).__name__}: {err})")
+        return original
+    profile.checkpoint, profile.recomputed_regions = kind, len(done)
+    return gm
+
+
 def _int(x) -> int | None:
     try:
         return int(x)
@@ -724,10 +763,24 @@ def _mask_arg(node: fx.Node):
     return node.args[3] if len(node.args) > 3 else node.kwargs.get("mask")
 
 
-def _mask_only(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes whose values only feed attention masks (the ring evaluates those per block pair instead)."""
+def _mask_only(graph: fx.Graph, root: torch.nn.Module | None = None) -> set[fx.Node]:
+    """Nodes whose values only feed attention masks (the ring evaluates those per block pair instead),
+    also through the recomputed regions' calls (``root``'s :class:`~ringify.runtime.regions.Recompute`
+    submodules) to the attention inside."""
+    from .runtime.regions import Recompute
+
     masks: set[fx.Node] = set()
     attn = set(_attention_nodes(graph))
+    mask_inputs: dict[fx.Node, set[int]] = {}  # a region call -> the positions of its mask-only inputs
+    for node in graph.nodes:
+        module = root.get_submodule(node.target) if root is not None and node.op == "call_module" else None
+        if isinstance(module, Recompute):
+            inner = _mask_only(module.body.graph, module.body)
+            places = [n for n in module.body.graph.nodes if n.op == "placeholder"]
+            mask_inputs[node] = {i for i, p in enumerate(places)
+                                 if p.users and all(u in inner or (u in set(_attention_nodes(module.body.graph))
+                                                                   and _mask_arg(u) is p and p not in u.args[:3])
+                                                    for u in p.users)}
     for node in reversed(graph.nodes):
         if node.op not in ("call_function", "call_method") or not node.users:
             continue
@@ -736,6 +789,8 @@ def _mask_only(graph: fx.Graph) -> set[fx.Node]:
             if user in masks:
                 continue
             if user in attn and _mask_arg(user) is node and node not in user.args[:3]:
+                continue
+            if user in mask_inputs and all(i in mask_inputs[user] for i, a in enumerate(user.args) if a is node):
                 continue
             ok = False
             break
@@ -808,11 +863,12 @@ class _Simulator(fx.Interpreter):
     """Runs the graph on fake tensors: parameters faked once, guards and mask-only nodes skipped,
     attention stubbed."""
 
-    def __init__(self, gm: fx.GraphModule, fake_mode, recorder: _Recorder, keep: set | None = None):
+    def __init__(self, gm: fx.GraphModule, fake_mode, recorder: _Recorder, keep: set | None = None,
+                 fakes: dict | None = None):
         super().__init__(gm, garbage_collect_values=keep is None)
         self.fake_mode, self.recorder = fake_mode, recorder
-        self.fakes: dict[int, torch.Tensor] = {}
-        self.skip = _mask_only(gm.graph)
+        self.fakes: dict[int, torch.Tensor] = {} if fakes is None else fakes  # shared with the regions' bodies
+        self.skip = _mask_only(gm.graph, gm)
         if keep:  # these nodes (and what they need) are computed even if they only feed masks
             todo = list(keep)
             while todo:
@@ -841,6 +897,17 @@ class _Simulator(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         if str(target).startswith("_guards"):  # export's input guards: the lengths here are hypothetical
             return None
+        from .runtime.regions import Recompute
+
+        module = self.fetch_attr(target)
+        if isinstance(module, Recompute):  # its body simulated the same way, under torch.utils.checkpoint
+            body = _Simulator(module.body, self.fake_mode, self.recorder, fakes=self.fakes)
+            run = lambda *a: body.run(*a, enable_io_processing=False)  # noqa: E731
+            if not torch.is_grad_enabled():
+                return run(*args)
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(run, *args, use_reentrant=False)
         return super().call_module(target, args, kwargs)
 
 

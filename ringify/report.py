@@ -167,6 +167,10 @@ def _setup_text(profile: dict) -> str:
                      f"{dtype} copies gathered per layer)")
     if dp > 1:
         parts.append(f"FSDP2 over dp={dp}: parameters, gradients and optimizer states 1/{dp} per device")
+    regions = int(profile.get("recomputed_regions", 0) or 0)
+    if regions:
+        why = "checkpoint='layers'" if profile.get("checkpoint") == "layers" else "the model's own checkpointing"
+        parts.append(f"activation checkpointing: {regions} regions recomputed in backward ({why})")
     return ", ".join(parts)
 
 
@@ -179,11 +183,17 @@ def _regions_markdown(regions: list[dict]) -> list[str]:
         origin = {r.get("origin", "model") for r in recomputed}
         why = "checkpoint='layers'" if origin == {"layers"} else "the model's own activation checkpointing"
         lines.append(f"- recomputed in backward ({why}, torch.utils.checkpoint): {len(recomputed)} regions: "
-                     + ", ".join(r.get("module") or r.get("name", "?") for r in recomputed))
+                     + _some(r.get("module") or r.get("name", "?") for r in recomputed))
     if fsdp:
         lines.append(f"- run as FSDP2 modules' forwards (their unshard/reshard and reduce-scatter hooks): "
-                     + ", ".join(r.get("module", "?") for r in fsdp))
+                     + _some(r.get("module", "?") for r in fsdp))
     return lines
+
+
+def _some(names, keep: int = 3) -> str:
+    """``a, b, c, ... z`` for a long list of names."""
+    names = list(names)
+    return ", ".join(names) if len(names) <= keep + 1 else ", ".join(names[:keep]) + f", ... {names[-1]}"
 
 
 def _softcap_text(attn: dict) -> str:

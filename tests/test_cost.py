@@ -349,32 +349,35 @@ GPT = dict(vocab=101, d_model=64, n_head=4, n_layer=2, max_len=2048)
 
 def _build(kind: str):
     torch.manual_seed(0)  # same weights on every rank
-    if kind == "llama":
+    if kind.startswith("llama"):
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        return LlamaForCausalLM(LlamaConfig(**LLAMA, attn_implementation="sdpa", max_position_embeddings=4096))
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA, attn_implementation="sdpa", max_position_embeddings=4096))
+        if kind == "llama-checkpointed":  # HF's activation checkpointing, kept by ringify
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        return model
     from ringify.models import TinyGPT
 
     return TinyGPT(**GPT)
 
 
 def _call(kind: str, model, ids):
-    if kind == "llama":
+    if kind.startswith("llama"):
         return model(input_ids=ids, labels=ids, use_cache=False)
     return model(ids, ids)
 
 
 def _ids(kind: str, seq_len: int) -> torch.Tensor:
-    vocab = LLAMA["vocab_size"] if kind == "llama" else GPT["vocab"]
+    vocab = LLAMA["vocab_size"] if kind.startswith("llama") else GPT["vocab"]
     return torch.randint(vocab, (1, seq_len), generator=torch.Generator().manual_seed(1))
 
 
-def _measure(kind: str, seq_len: int, outputs: str) -> int:
+def _measure(kind: str, seq_len: int, outputs: str, checkpoint: str | None = None) -> int:
     """On one rank: peak tensor bytes of loss forward + backward of the ringified model (as
     benchmarks/model_memory.py: parameters and inputs excluded, gradients included, output held)."""
     model = _build(kind)
     ids = _ids(kind, seq_len)
-    rm = ringify(model, outputs=outputs)
+    rm = ringify(model, outputs=outputs, checkpoint=checkpoint)
     params = list(model.parameters())
 
     def step():
@@ -389,13 +392,14 @@ def _measure(kind: str, seq_len: int, outputs: str) -> int:
     return meter.peak_bytes
 
 
-def _predict(kind: str, outputs: str) -> ModelProfile:
+def _predict(kind: str, outputs: str, checkpoint: str | None = None) -> ModelProfile:
     model = _build(kind)
     ids = _ids(kind, 64)
-    args, kwargs = ((), dict(input_ids=ids, labels=ids, use_cache=False)) if kind == "llama" else ((ids, ids), {})
+    args, kwargs = ((), dict(input_ids=ids, labels=ids, use_cache=False)) if kind.startswith("llama") else ((ids, ids), {})
     captured = capture(model, args, kwargs)
     attention = [m.summary() for m in canonicalize_attention(captured.graph_module)]
-    return profile_model(model, captured.graph_module, captured.symbols, attention, batch=1, outputs=outputs)
+    return profile_model(model, captured.graph_module, captured.symbols, attention, batch=1, outputs=outputs,
+                         checkpoint=checkpoint, module_prefix=captured.module_prefix)
 
 
 def test_profile_of_a_raw_graph_equals_that_of_the_rewritten_one():
@@ -426,16 +430,19 @@ def test_profile_of_a_raw_graph_equals_that_of_the_rewritten_one():
     assert estimate(fallback, 4096, 4, HARDWARE["h100-nvlink"])["per_device"]["activations"] > 0
 
 
-@pytest.mark.parametrize("kind, outputs", [("llama", "full"), ("gpt", "local")])
-def test_predicted_memory_matches_gloo_measurement(ranks, kind, outputs):
+@pytest.mark.parametrize("kind, outputs, checkpoint", [("llama", "full", None), ("gpt", "local", None),
+                                                       ("llama-checkpointed", "local", None), ("gpt", "full", "layers")])
+def test_predicted_memory_matches_gloo_measurement(ranks, kind, outputs, checkpoint):
     """Predicted per-device total minus parameters and buffers (what PeakMemory cannot see: they exist
-    before the step) within 25% of the measured peak of the step, on 1 and 2 ranks."""
-    profile = _predict(kind, outputs)
+    before the step) within 25% of the measured peak of the step, on 1 and 2 ranks; with activation
+    checkpointing (the model's own, or checkpoint='layers') costed as recomputation."""
+    profile = _predict(kind, outputs, checkpoint)
     assert profile.method == "fake-trace", profile.notes
     assert profile.layers == 2 and profile.causal and profile.training
+    assert profile.recomputed_regions == (2 if kind == "llama-checkpointed" or checkpoint else 0), profile.notes
     rows = []
     for world, seq_len in ((1, 512), (2, 512), (2, 1024)):
-        measured = max(ranks(world).run(_measure, kind, seq_len, outputs, timeout=300))
+        measured = max(ranks(world).run(_measure, kind, seq_len, outputs, checkpoint, timeout=300))
         device = estimate(profile, seq_len, world, HARDWARE["cpu-gloo"])["per_device"]
         predicted = device["total"] - device["parameters"]
         rows.append((world, seq_len, predicted / MIB, measured / MIB))

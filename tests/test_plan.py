@@ -136,6 +136,21 @@ def test_markdown_names_the_training_setup(tmp_path, seed):
     assert 'largest context with outputs="full"' in result.stdout and 'outputs="local"' in result.stdout
 
 
+def test_checkpointing_is_costed_as_recomputation(tmp_path, seed):
+    """--checkpoint layers: every layer recomputed in backward; the activations kept through the step shrink
+    to the layers' inputs, so the planned activations fall well below the plan without it."""
+    cfg = small_llama(random.Random(seed))
+    path = config_dir(tmp_path, cfg)
+    plain = report_json(path, "--world-size", 2, "--seq-len", 2048, "--optimizer", "none")
+    layers = report_json(path, "--world-size", 2, "--seq-len", 2048, "--optimizer", "none", "--checkpoint", "layers")
+    profile = layers["cost"]["profile"]
+    assert profile["checkpoint"] == "layers" and profile["recomputed_regions"] == cfg["num_hidden_layers"]
+    assert plain["cost"]["profile"]["recomputed_regions"] == 0
+    assert [r["kind"] for r in layers["regions"]] == ["checkpoint"] * cfg["num_hidden_layers"]
+    acts = {name: r["cost"]["estimate"]["per_device"]["activations"] for name, r in [("plain", plain), ("layers", layers)]}
+    assert acts["layers"] < 0.7 * acts["plain"], acts
+
+
 def test_factory_that_builds_on_meta(monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     report = report_json("cli_models:tiny_gpt_meta", "--world-size", 2, "--seq-len", 64)
