@@ -164,12 +164,15 @@ class RingModule(torch.nn.Module):
                                         captured.graph_module.named_parameters(remove_duplicate=False) if id(t) in path_of}
         return captured
 
-    def report(self, hardware: str | None = None) -> Report:
+    def report(self, hardware: str | None = None, *, cost: bool = True) -> Report:
         """What was found, rewritten and refused in the last captured graph, with a picture of the rewritten
-        graph and the cost model on ``hardware`` (a :data:`ringify.cost.HARDWARE` name, default ``cpu-gloo``)."""
+        graph and the cost model on ``hardware`` (a :data:`ringify.cost.HARDWARE` name, default ``cpu-gloo``).
+        ``cost=False``: the rewrite only, at once (the picture and the cost model take a few fake-tensor runs)."""
         if self._last is None:
             raise RuntimeError("ringify captures on the first call: call the module once, then report()")
         report = self._reports[self._last]
+        if not cost:
+            return report
         wanted = hardware or "cpu-gloo"
         if not report.cost or report.cost.get("estimate", {}).get("hardware", {}).get("name") != wanted:
             complete_report(report, self.model, self._callers[self._last], self._graphs[self._last], wanted,

@@ -75,4 +75,6 @@ def gather_sequence(x_local: torch.Tensor, dim: int, group=None, layout: str = "
             f"rank {rank}: shard has {x_local.size(dim)} tokens along dim {dim}, but the {layout!r} layout of "
             f"{seq_len} tokens over {world} ranks gives it {expected}"
         )
+    if world == 1:
+        return x_local  # the whole sequence already: no copy, no extra tensor saved
     return _GatherSequence.apply(x_local, dim, pg, layout, seq_len)

@@ -113,7 +113,7 @@ def check_checkpointing(variant: str, seed: int, seq_len: int) -> dict:
     recomputed = [m for m in rm.graph_module.modules() if isinstance(m, Recompute)]
     assert len(recomputed) == layers, f"{len(recomputed)} recomputed regions for {layers} layers"
     assert all((r.hooks is not None) == variant.endswith("offload") for r in recomputed)
-    assert all(r.get("kind") == "checkpoint" for r in rm.report().regions)
+    assert all(r.get("kind") == "checkpoint" for r in rm.report(cost=False).regions)
     errors = {"logits": relative_error(out.logits, ref.logits), "loss": relative_error(out.loss, ref.loss)}
     errors["grad"], errors["worst"] = worst_grad_error(model, reference)
     assert all(p.grad is not None for p in model.parameters())
@@ -121,24 +121,28 @@ def check_checkpointing(variant: str, seed: int, seq_len: int) -> dict:
     return errors
 
 
-QUICK = ["torch", "wrapper", "gpt-layers", "hf"]
-SLOW = ["torch-reentrant", "torch-offload", "hf-reentrant", "llama-layers"]
+# every variant on one odd world size at least; HF's checkpointing and both hand-written ones on 1..3
+MATRIX = [("torch", 1), ("torch", 2), ("torch", 3), ("gpt-layers", 1), ("gpt-layers", 2), ("gpt-layers", 3),
+          ("hf", 1), ("hf", 2), ("hf", 3), ("wrapper", 3)]
+SLOW = [("torch-reentrant", 2), ("torch-offload", 3), ("hf-reentrant", 3), ("llama-layers", 1), ("llama-layers", 3)]
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("variant", QUICK)
-def test_checkpointing_exact(ranks, seed, variant, world_size):
+def _run(ranks, variant, seed, world_size):
     if world_size == 1:
         check_checkpointing(variant, seed, 11)
     else:
         ranks(world_size).run(check_checkpointing, variant, seed, 5 * world_size + 2)
 
 
+@pytest.mark.parametrize("variant, world_size", MATRIX)
+def test_checkpointing_exact(ranks, seed, variant, world_size):
+    _run(ranks, variant, seed, world_size)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("variant", SLOW)
+@pytest.mark.parametrize("variant, world_size", SLOW)
 def test_checkpointing_exact_more(ranks, seed, variant, world_size):
-    ranks(world_size).run(check_checkpointing, variant, seed, 5 * world_size + 2)
+    _run(ranks, variant, seed, world_size)
 
 
 def _step_peak(model, kwargs) -> float:
@@ -153,16 +157,15 @@ def _step_peak(model, kwargs) -> float:
     return meter.peak_bytes
 
 
-@pytest.mark.parametrize("variant", ["hf", "llama-layers"])
+@pytest.mark.parametrize("variant", ["hf"])  # checkpoint="layers": benchmarks/training_memory.py (the same peak)
 def test_checkpointing_saves_the_memory(seed, variant):
-    """One rank: ringified + checkpointed peaks no higher than the untouched checkpointed model (the issue's
-    bound is 1.05x; blockwise attention and the chunked FFN bring it lower) and well below no checkpointing."""
-    import transformers as tf  # noqa: F401
-
+    """One rank, the issue's HF Llama (6 layers, hidden 128, 2048 tokens): ringified + checkpointed peaks no
+    higher than 1.05x the untouched checkpointed model (blockwise attention and the chunked FFN bring it
+    lower) and well below no checkpointing."""
     torch.manual_seed(seed)
-    ids = torch.randint(0, 256, (1, 1024))
+    ids = torch.randint(0, 256, (1, 2048))
     kwargs = dict(input_ids=ids, labels=ids, use_cache=False)
-    untouched = _llama(layers=4, hidden=64, vocab=256).train()
+    untouched = _llama(layers=6, hidden=128, vocab=256).train()
     checkpointed = copy.deepcopy(untouched)
     _hf_checkpointing(checkpointed)
     ring = ringify(checkpointed if variant == "hf" else copy.deepcopy(untouched),
