@@ -25,7 +25,7 @@ import struct
 
 import torch
 
-from . import block_attention
+from . import block_attention, fused_attention
 from .block_mask import block_mask_fn, register_block_mask
 from .comm import RingComm, RingInputError, all_gather_ints, all_gather_strings, default_timeout, group_name
 from .comm import rank_and_size, resolve_group
@@ -45,10 +45,23 @@ def _extended(mask: str, fill: float) -> bool:
 
 
 def _block_kernels(device_type: str, mask: str, fill: float, softcap: float = 0.0):
-    """The block kernels for a call: masks, finite fills and soft-capping only exist in the plain-torch kernels."""
-    if _extended(mask, fill) or softcap:
+    """The block kernels for a call. CPU: torch's fused flash kernel per piece (:mod:`.fused_attention`: masks
+    classified per tile), the plain-torch tiles where it cannot go (soft-capping, a fill that does not
+    hide). CUDA: Triton without a mask, the plain-torch tiles with one. ``RINGIFY_KERNEL`` overrides."""
+    choice = _kernel_choice()
+    if choice in ("auto", "fused") and fused_attention.available(device_type) and \
+            fused_attention.supports(mask, fill, softcap):
+        return fused_attention.fused_block_forward, fused_attention.fused_block_backward
+    if _extended(mask, fill) or softcap or choice == "fused":
         return block_attention.torch_block_forward, block_attention.torch_block_backward
     return _kernels(device_type)
+
+
+def _kernel_choice() -> str:
+    choice = os.environ.get("RINGIFY_KERNEL", "auto")
+    if choice not in ("auto", "torch", "triton", "fused"):
+        raise ValueError(f"RINGIFY_KERNEL must be auto, fused, torch or triton, got {choice!r}")
+    return choice
 
 
 def _kernel_options(mask: str, mask_args, fill: float, softcap: float) -> dict:
@@ -79,9 +92,7 @@ def _bits_fill(bits: int) -> float:
 @functools.cache
 def _kernels(device_type: str):
     """(forward, backward) block kernels: Triton on CUDA, plain torch elsewhere (RINGIFY_KERNEL overrides)."""
-    choice = os.environ.get("RINGIFY_KERNEL", "auto")
-    if choice not in ("auto", "torch", "triton"):
-        raise ValueError(f"RINGIFY_KERNEL must be auto, torch or triton, got {choice!r}")
+    choice = _kernel_choice()
     if choice == "triton" or (choice == "auto" and device_type == "cuda"):
         from .triton_attention import triton_available, triton_block_backward, triton_block_forward
 
@@ -226,6 +237,8 @@ def ring_forward(q, k, v, group, causal: bool, scale: float, layout: str, timeou
     ring = _Ring(q, k, group, causal, layout, timeout_s, lengths, fill)
     forward_block, _ = _block_kernels(q.device.type, mask, fill, softcap)
     options = _kernel_options(mask, mask_args, fill, softcap)
+    if forward_block is fused_attention.fused_block_forward:
+        options["plan_key"] = (mask, tuple(mask_args))  # one tile plan for every layer that shares the mask
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     if _extended(mask, fill):
         lse = torch.zeros((2, *q.shape[:-1]), dtype=torch.float32, device=q.device)
@@ -257,6 +270,9 @@ def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float
     ring = _Ring(q, k, group, causal, layout, timeout_s, lengths, fill)
     _, backward_block = _block_kernels(q.device.type, mask, fill, softcap)
     options = _kernel_options(mask, mask_args, fill, softcap)
+    if backward_block is fused_attention.fused_block_backward:
+        options["out"] = out  # the global output: the fused backward recomputes probabilities from it and lse
+        options["plan_key"] = (mask, tuple(mask_args))
     delta = (grad_out.float() * out.float()).sum(-1)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     q_pos = ring.positions[ring.rank]
