@@ -125,11 +125,13 @@ class RingComm:
         self._next = dist.get_global_rank(group, (self.rank + 1) % self.world)
         self._prev = dist.get_global_rank(group, (self.rank - 1) % self.world)
 
-    def exchange(self, send: torch.Tensor, recv: torch.Tensor, tag: int) -> list:
-        ops = [
-            dist.P2POp(dist.isend, send, self._next, group=self.group, tag=tag),
-            dist.P2POp(dist.irecv, recv, self._prev, group=self.group, tag=tag),
-        ]
+    def exchange(self, send, recv, tag: int) -> list:
+        """Post sends of ``send`` to the next rank and receives into ``recv`` from the previous one (a tensor
+        or a sequence of tensors each, matched in order); returns the works to :meth:`wait` on."""
+        sends = [send] if isinstance(send, torch.Tensor) else list(send)
+        recvs = [recv] if isinstance(recv, torch.Tensor) else list(recv)
+        ops = [dist.P2POp(dist.isend, t, self._next, group=self.group, tag=tag + i) for i, t in enumerate(sends)]
+        ops += [dist.P2POp(dist.irecv, t, self._prev, group=self.group, tag=tag + i) for i, t in enumerate(recvs)]
         return dist.batch_isend_irecv(ops)
 
     def wait(self, works: list, what: str) -> None:

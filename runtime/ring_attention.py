@@ -32,7 +32,7 @@ from .comm import rank_and_size, resolve_group
 from .layout import LAYOUTS, check_layout, layout_positions, shard_lengths
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_KV_TAG, _DKV_TAG = 11, 12
+_KV_TAG, _DKV_TAG = 10, 20  # k and v (and dK and dV) go as two messages: tags +0 and +1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ class _Ring:
         seq_len = sum(lengths)
         self.host_positions = [layout_positions(seq_len, self.world, r, layout) for r in range(self.world)]
         self.positions = [_positions_on(seq_len, self.world, r, layout, q.device) for r in range(self.world)]
-        self.block_shapes = [(2, k.shape[0], k.shape[1], n, k.shape[3]) for n in lengths]
+        self.block_shapes = [(2, k.shape[0], k.shape[1], n, k.shape[3]) for n in lengths]  # (k and v, [B, H_kv, n, D])
 
     def source(self, step: int) -> int:
         """Owner of the key/value block this rank holds at ``step``."""
@@ -206,24 +206,22 @@ class _Ring:
         """Whether any key of ``src``'s block is visible to any of this rank's queries."""
         return not self.skip_hidden or int(self.host_positions[src][0]) <= int(self.host_positions[self.rank][-1])
 
-    def buffers(self, dtype, device) -> list[torch.Tensor]:
-        """Two flat buffers that fit the largest block: one being computed on, one being received."""
-        most = max(torch.Size(shape).numel() for shape in self.block_shapes)
-        return [torch.empty(most, dtype=dtype, device=device) for _ in range(2)]
+    def buffers(self, dtype, device, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``count`` (k, v)-shaped pairs of flat buffers that fit the largest block."""
+        most = max(torch.Size(shape[1:]).numel() for shape in self.block_shapes)
+        return [(torch.empty(most, dtype=dtype, device=device), torch.empty(most, dtype=dtype, device=device))
+                for _ in range(count)]
 
-    def view(self, flat: torch.Tensor, src: int) -> torch.Tensor:
-        """``flat`` seen as the [2, B, H_kv, S_src, D] block of rank ``src``."""
-        shape = self.block_shapes[src]
-        return flat[: torch.Size(shape).numel()].view(shape)
+    def kv_buffers(self, dtype, device) -> list:
+        """Where key/value blocks are received: a block is computed on while the next one arrives, so two;
+        on two ranks only the other rank's block ever arrives: one. (This rank's own block is sent as it is.)"""
+        return self.buffers(dtype, device, 1 if self.world == 2 else 2) if self.world > 1 else []
 
-    def first_block(self, k, v, buffer):
-        """This rank's own k/v, packed into ``buffer`` as one message when there is a ring to send it on."""
-        if self.world == 1:
-            return k, v
-        kv = self.view(buffer, self.rank)
-        kv[0].copy_(k)
-        kv[1].copy_(v)
-        return kv
+    def view(self, pair, src: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A buffer pair seen as rank ``src``'s two [B, H_kv, S_src, D] blocks."""
+        shape = self.block_shapes[src][1:]
+        n = torch.Size(shape).numel()
+        return pair[0][:n].view(shape), pair[1][:n].view(shape)
 
 
 def ring_forward(q, k, v, group, causal: bool, scale: float, layout: str, timeout_s: float, mask: str = "",
@@ -247,12 +245,12 @@ def ring_forward(q, k, v, group, causal: bool, scale: float, layout: str, timeou
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     q_pos = ring.positions[ring.rank]
 
-    buffers = ring.buffers(q.dtype, q.device) if ring.world > 1 else [None]
-    kv = ring.first_block(k, v, buffers[0])
+    buffers = ring.kv_buffers(q.dtype, q.device)
+    kv = (k.contiguous(), v.contiguous()) if ring.world > 1 else (k, v)  # sent as they are when contiguous
     for step in range(ring.world):
         src = ring.source(step)
         if step + 1 < ring.world:
-            incoming = ring.view(buffers[(step + 1) % 2], ring.source(step + 1))
+            incoming = ring.view(buffers[step % len(buffers)], ring.source(step + 1))
             in_flight = ring.comm.exchange(kv, incoming, _KV_TAG)
         if ring.visible(src):
             forward_block(q, kv[0], kv[1], out, lse, q_pos, ring.positions[src], scale=scale, causal=causal, **options)
@@ -277,34 +275,40 @@ def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     q_pos = ring.positions[ring.rank]
 
-    kv_buffers = ring.buffers(q.dtype, q.device) if ring.world > 1 else [None]
-    grad_buffers = ring.buffers(torch.float32, q.device) if ring.world > 1 else [None]
-    kv = ring.first_block(k, v, kv_buffers[0])
+    kv_buffers = ring.kv_buffers(q.dtype, q.device)
+    # fp32 dK/dV: this step's share is computed into one pair while the last step's is still in flight in the
+    # other, and the accumulator of the next block arrives in a third (it ends as this rank's own block's)
+    shares = ring.buffers(torch.float32, q.device, 2 if ring.world > 1 else 1)
+    arriving = ring.buffers(torch.float32, q.device, 1)[0] if ring.world > 1 else None
+    kv = (k.contiguous(), v.contiguous()) if ring.world > 1 else (k, v)  # sent as they are when contiguous
     grads_in_flight = None
     for step in range(ring.world):
         src = ring.source(step)
         if step + 1 < ring.world:
-            incoming = ring.view(kv_buffers[(step + 1) % 2], ring.source(step + 1))
+            incoming = ring.view(kv_buffers[step % len(kv_buffers)], ring.source(step + 1))
             kv_in_flight = ring.comm.exchange(kv, incoming, _KV_TAG)
-        block_grads = torch.zeros(ring.block_shapes[src], dtype=torch.float32, device=q.device)
+        share = ring.view(shares[step % len(shares)], src)  # last sent two steps ago, and waited for since
+        share[0].zero_()
+        share[1].zero_()
         if ring.visible(src):
-            backward_block(q, kv[0], kv[1], grad_out, lse, delta, dq, block_grads[0], block_grads[1],
+            backward_block(q, kv[0], kv[1], grad_out, lse, delta, dq, share[0], share[1],
                            q_pos, ring.positions[src], scale=scale, causal=causal, **options)
         if ring.world > 1:
             # add the shares of the ranks before us, then pass the accumulator on
             if grads_in_flight is not None:
                 ring.comm.wait(grads_in_flight, f"receiving dK/dV accumulator at step {step} of {ring.world}")
-                block_grads = accumulated.add_(block_grads)
-            outgoing = block_grads
-            accumulated = ring.view(grad_buffers[step % 2], ring.source(step + 1))
-            grads_in_flight = ring.comm.exchange(outgoing, accumulated, _DKV_TAG)
+                share[0].add_(accumulated[0])
+                share[1].add_(accumulated[1])
+            accumulated = ring.view(arriving, ring.source(step + 1))
+            grads_in_flight = ring.comm.exchange(share, accumulated, _DKV_TAG)
         if step + 1 < ring.world:
             ring.comm.wait(kv_in_flight, f"receiving key/value block {step + 1} of {ring.world}")
             kv = incoming
     if ring.world > 1:
         ring.comm.wait(grads_in_flight, "receiving the final dK/dV of this rank's block")
-        block_grads = accumulated
-    return dq.to(q.dtype), block_grads[0].to(k.dtype, copy=True), block_grads[1].to(v.dtype, copy=True)
+        share = accumulated
+    dk, dv = (g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(share, (k, v)))
+    return dq.to(q.dtype), dk, dv
 
 
 # --------------------------------------------------------------------------------------------------
