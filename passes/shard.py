@@ -383,8 +383,9 @@ class _Sharder:
             mask_kind = kwargs.get("mask_kind")
         info = dict(node.meta.get("ringify_attention") or {})
         self.plan.attention.append(_info(node, mask=mask_kind, mask_ops=getattr(self.masks.get(mask), "ops", []),
+                                         mask_key=mask_fn,
                                          causal=bool(kwargs.get("causal")), **{k: v for k, v in info.items()
-                                                                               if k not in ("module", "source", "mask", "mask_ops", "causal")}))
+                                                                               if k not in ("module", "source", "mask", "mask_ops", "causal", "mask_key")}))
         fill = kwargs.get("fill", float("-inf"))
         if mask_kind == "add":
             fill = float("-inf")

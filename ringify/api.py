@@ -23,7 +23,7 @@ from .passes.attention import canonicalize_attention
 from .passes.ffn import chunk_feed_forward, symbolic_token_dim
 from .passes.regions import mark_checkpoints, module_owners, outline_nested, repeated_layers
 from .passes.shard import shard_graph
-from .report import Report, build_report
+from .report import Report, add_mask_structures, build_report
 from .runtime import graph_calls
 from .runtime.collectives import local_positions
 from .runtime.comm import all_gather_tensor, default_timeout, group_name, rank_and_size, resolve_group
@@ -171,6 +171,7 @@ class RingModule(torch.nn.Module):
         if self._last is None:
             raise RuntimeError("ringify captures on the first call: call the module once, then report()")
         report = self._reports[self._last]
+        add_mask_structures(report)
         if not cost:
             return report
         wanted = hardware or "cpu-gloo"

@@ -736,16 +736,9 @@ def _module(path: str) -> str:
 
 
 def _mask(attn: dict) -> str:
-    parts = []
-    if attn.get("causal"):
-        parts.append("causal")
-    if attn.get("mask"):
-        ops = list(dict.fromkeys(attn.get("mask_ops") or []))
-        text = f"{attn['mask']} mask"
-        if ops:
-            text += f" ({'/'.join(ops)})"
-        parts.append(text)
-    return " + ".join(parts) or "none"
+    from .report import mask_text
+
+    return mask_text(attn)
 
 
 def _gqa(attn: dict) -> str:

@@ -45,7 +45,7 @@ class Report:
             attn = layer.get("attention", [])
             ffn = layer.get("ffn", [])
             a = ", ".join(f"{x.get('kind', '?')}{_softcap_text(x)} -> ring" for x in attn) or "-"
-            m = ", ".join(_mask_text(x) for x in attn) or "-"
+            m = ", ".join(mask_text(x) for x in attn) or "-"
             g = ", ".join("yes" if x.get("gqa") else "no" for x in attn) or "-"
             f = ", ".join(f"{x.get('kind', '?')}({x.get('activation', '')}) -> chunked" for x in ffn) or "-"
             src = (attn or ffn or [{}])[0].get("source", "")
@@ -200,7 +200,10 @@ def _softcap_text(attn: dict) -> str:
     return f" (soft-cap {attn['softcap']:g})" if attn.get("softcap") else ""
 
 
-def _mask_text(attn: dict) -> str:
+def mask_text(attn: dict) -> str:
+    """An attention's mask in words: what it was seen to be when it ran, else how it is built."""
+    if attn.get("mask_structure"):  # what the block mask was seen to be when it ran (runtime.mask_structure)
+        return attn["mask_structure"]
     parts = []
     if attn.get("causal"):
         parts.append("causal")
@@ -208,6 +211,17 @@ def _mask_text(attn: dict) -> str:
         ops = attn.get("mask_ops") or []
         parts.append(f"{attn['mask']} mask" + (f" ({'/'.join(dict.fromkeys(ops))})" if ops else ""))
     return " + ".join(parts) or "none"
+
+
+def add_mask_structures(report: "Report") -> None:
+    """Name each attention's mask by what it was seen to be when it ran ("causal + key padding"), where it has."""
+    from .runtime.mask_structure import described
+
+    for layer in report.layers.values():
+        for attn in layer.get("attention", []):
+            seen = described(attn.get("mask_key") or "") if attn.get("mask_key") else None
+            if seen:
+                attn["mask_structure"] = seen
 
 
 def _layer_of(path: str) -> str:
@@ -229,7 +243,7 @@ def build_report(model, attention, ffn, plan, *, world_size: int, seq_len: int, 
         entry = _summary(match)
         output = getattr(match, "output", None)
         if output is not None and output.name in by_node:
-            entry.update({k: v for k, v in by_node[output.name].items() if k in ("mask", "mask_ops", "causal")})
+            entry.update({k: v for k, v in by_node[output.name].items() if k in ("mask", "mask_ops", "causal", "mask_key")})
         path = entry.get("module_path", "")
         report.layers.setdefault(_layer_of(path), {}).setdefault("attention", []).append(entry)
     for match in ffn:

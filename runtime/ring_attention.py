@@ -25,7 +25,7 @@ import struct
 
 import torch
 
-from . import block_attention, fused_attention
+from . import block_attention, fused_attention, mask_structure
 from .block_mask import block_mask_fn, register_block_mask
 from .comm import RingComm, RingInputError, all_gather_ints, all_gather_strings, default_timeout, group_name
 from .comm import rank_and_size, resolve_group
@@ -233,6 +233,8 @@ def ring_forward(q, k, v, group, causal: bool, scale: float, layout: str, timeou
     """
     lengths = _agree(q, k, v, group, causal, layout, timeout_s, mask=mask, fill=fill, softcap=softcap)
     ring = _Ring(q, k, group, causal, layout, timeout_s, lengths, fill)
+    if mask:
+        mask_structure.describe_once(mask, _bound_mask(mask, mask_args), sum(lengths), causal, q.device)
     forward_block, _ = _block_kernels(q.device.type, mask, fill, softcap)
     options = _kernel_options(mask, mask_args, fill, softcap)
     if forward_block is fused_attention.fused_block_forward:

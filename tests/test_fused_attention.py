@@ -233,3 +233,48 @@ def test_plan_cache_follows_the_mask_arguments(seed):
     assert fused_attention.cached_plan(("m", (other,)), q_pos, k_pos, True, lambda qp, kp: fn(qp, kp, other),
                                        -math.inf, (1, 2)) is not first
     assert all(p.kind in (FULL, CAUSAL, PARTIAL) for p in first[0])
+
+
+# ---------------------------------------------------------------------------------- mask structure
+
+
+def test_mask_structure_is_named(seed):
+    from ringify.runtime.mask_structure import describe
+
+    g = torch.Generator().manual_seed(seed)
+    n = 301
+    keep = torch.rand(2, n, generator=g) > 0.2
+    keep[:, -1] = True
+    doc = torch.randint(0, 5, (1, n), generator=g).sort(-1).values
+    cases = {
+        "causal": (lambda qp, kp: kp[None, :] <= qp[:, None], False),
+        "causal + key padding": (lambda qp, kp: keep[:, None, None, kp], True),
+        "sliding window 12": (lambda qp, kp: (qp[:, None] - kp[None, :]) < 12, True),
+        "causal, packed documents": (lambda qp, kp: (doc[:, qp, None] == doc[:, None, kp]).unsqueeze(1), True),
+        "bidirectional + key padding": (lambda qp, kp: keep[:, None, None, kp], False),
+        "causal (additive)": (lambda qp, kp: torch.where(kp[None, :] <= qp[:, None], 0.0, FP32_MIN), False),
+        "additive bias + causal": (lambda qp, kp: -(qp[:, None] - kp[None, :]).abs().float(), True),
+    }
+    for name, (fn, causal) in cases.items():
+        assert describe(fn, n, causal) == name, (name, describe(fn, n, causal))
+
+
+def test_report_names_hf_masks(seed):
+    """The report says what each HF mask is once it has run, instead of the ops that build it."""
+    import sys
+    import pathlib
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    import zoo
+
+    from ringify import ringify
+
+    seen = []
+    for build in (zoo.llama, zoo.mistral):
+        z = build()
+        args, kwargs = z.make_inputs(seed, 23)
+        rm = ringify(z.model)
+        rm(*args, **kwargs)
+        seen.append(rm.report(cost=False).to_markdown())
+    assert "| causal |" in seen[0], seen[0]
+    assert "| sliding window 4 |" in seen[1], seen[1]
