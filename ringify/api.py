@@ -20,7 +20,7 @@ from . import fsdp
 from .capture import capture, sequence_length, signature
 from .errors import UnsupportedModelError
 from .passes.attention import canonicalize_attention
-from .passes.ffn import chunk_feed_forward, symbolic_token_dim
+from .passes.ffn import chunk_feed_forward, find_feed_forward, symbolic_token_dim
 from .passes.regions import mark_checkpoints, module_owners, outline_nested, repeated_layers
 from .passes.shard import shard_graph
 from .report import Report, add_mask_structures, build_report
@@ -36,7 +36,7 @@ class RingModule(torch.nn.Module):
     """A ring-parallel version of ``model``: call it like the model, with full inputs on every rank."""
 
     def __init__(self, model: torch.nn.Module, mesh=None, *, layout: str = "zigzag", outputs: str = "full",
-                 sync_grads: bool = True, seq_dim: int = 1, ffn_chunk_tokens: int | None = 256,
+                 sync_grads: bool = True, seq_dim: int = 1, ffn_chunk_tokens: int | None = None,
                  check_inputs: bool = True, checkpoint: str | None = None):
         super().__init__()
         check_layout(layout)
@@ -182,7 +182,7 @@ class RingModule(torch.nn.Module):
 
 
 def rewrite(model: torch.nn.Module, captured, *, world_size: int, group: str = "", layout: str = "zigzag",
-            outputs: str = "full", sync_grads: bool = True, ffn_chunk_tokens: int | None = 256,
+            outputs: str = "full", sync_grads: bool = True, ffn_chunk_tokens: int | None = None,
             checkpoint: str | None = None) -> tuple[fx.GraphModule, Report]:
     """The passes on a captured graph: the rank-local graph for ``world_size`` ranks and its report.
 
@@ -203,9 +203,13 @@ def rewrite(model: torch.nn.Module, captured, *, world_size: int, group: str = "
             f"ringify cannot find the tokens in the graph{why}."
         )
     attention = canonicalize_attention(gm)
-    ffn = []
+    token_dim = lambda n: symbolic_token_dim(n, captured.symbols)  # noqa: E731
     if ffn_chunk_tokens:
-        ffn = chunk_feed_forward(gm, lambda n: symbolic_token_dim(n, captured.symbols), chunk_tokens=ffn_chunk_tokens)
+        ffn = chunk_feed_forward(gm, token_dim, chunk_tokens=ffn_chunk_tokens)
+    else:  # found and reported, run whole (token-local as they are)
+        ffn = find_feed_forward(gm, token_dim)
+        for match in ffn:
+            match.summary["chunk_tokens"] = None
     new, plan = shard_graph(gm, captured.symbols, group=group, layout=layout, world_size=world_size,
                             outputs=outputs, sync_grads=sync_grads, token_local=dropless_experts(model))
     regions = outline_regions(new, model, captured, checkpoint)
@@ -294,7 +298,7 @@ def dropless_experts(model: torch.nn.Module) -> tuple[str, ...]:
 
 
 def complete_report(report: Report, model, captured, new: fx.GraphModule, hardware: str | None = None, *,
-                    outputs: str = "full", ffn_chunk_tokens: int | None = 256, training: bool | None = None,
+                    outputs: str = "full", ffn_chunk_tokens: int | None = None, training: bool | None = None,
                     optimizer: str = "none", mixed_precision: bool = False, dp: int = 1,
                     checkpoint: str | None = None) -> Report:
     """Add the rewritten graph's picture and the cost model for ``hardware`` (a :data:`ringify.cost.HARDWARE`
@@ -361,6 +365,8 @@ def ringify(model: torch.nn.Module, mesh=None, **options) -> RingModule:
     holds only its shard of the sequence. Options: ``layout`` ('zigzag', 'contiguous', 'striped'),
     ``outputs`` ('full' or 'local': this rank's tokens, at ``rm.local_positions()``), ``sync_grads`` (sum
     parameter gradients over ranks in backward; off when DDP/FSDP over the same ranks sums them),
-    ``seq_dim`` (the inputs' sequence dim, 1), ``ffn_chunk_tokens`` (feed-forward chunk, None = off),
+    ``seq_dim`` (the inputs' sequence dim, 1), ``ffn_chunk_tokens`` (None, the default: feed-forward blocks
+    run whole; N: in chunks of N tokens recomputed in backward, which drops their intermediate activations
+    at the price of one more feed-forward forward: benchmarks/step_speed.py and model_memory.py measure it),
     ``checkpoint`` (None: keep the model's own activation checkpointing; 'layers': recompute every layer)."""
     return RingModule(model, mesh, **options)

@@ -148,7 +148,8 @@ class Hardware:
     flops: float      # achievable dense FLOP/s per device for attention/matmul (bf16 on GPUs; fp32 on CPU)
     bandwidth: float  # ring link bytes/s per direction per device
     memory: float     # device memory, bytes
-    kernel: str = "triton"  # block kernels: "triton" (tiles on chip) or "torch" (fp32 score tiles in memory)
+    kernel: str = "triton"  # block kernels: "triton" (tiles on chip), "fused" (torch's fused CPU kernel per piece:
+                            # temporaries of the piece's rows) or "torch" (fp32 score tiles in memory)
 
 
 # Where the numbers come from:
@@ -173,7 +174,7 @@ HARDWARE: dict[str, Hardware] = {
         Hardware("a100-nvlink", "A100 SXM 80GB, ring over NVLink 3 (one node)", 200e12, 300 * GB, 80 * GB),
         Hardware("a100-ib", "A100 SXM 80GB, ring over InfiniBand HDR 200 Gb/s per GPU", 200e12, 25 * GB, 80 * GB),
         Hardware("cpu-gloo", "CPU processes, gloo over loopback, one thread per rank (tests, demo)", 10e9, 0.5 * GB,
-                 8 * GIB, kernel="torch"),
+                 8 * GIB, kernel="fused"),
     )
 }
 
@@ -245,12 +246,16 @@ class ModelProfile:
     # blocks are alive at once, {"forward"|"backward": {"one_piece"|"pieces": [tiles, rows]}} (one piece:
     # the block is a single T x T tile; pieces: more, and a finished piece's tile may outlive the next one's start)
     kernel_workspace: dict = field(default_factory=dict)
+    fused_workspace: dict = field(default_factory=dict)  # {"forward"|"backward": [fixed bytes, per fp32 q element]}
+    mask_chunk_bytes: float = 0.0        # evaluating the block mask on TILE queries x 4 TILE keys (fused kernels)
+    mask_static: bool = False            # every mask reads only buffers and positions: the fused kernels' tile
+                                         # plan is cached across steps, so a step evaluates no mask
     mask_piece_bytes: float = 0.0            # evaluating the model's block mask on one T x T piece (peak)
     notes: list = field(default_factory=list)
 
 
 def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols: set, attention: list[dict], *,
-                  batch: int, training: bool = True, outputs: str = "full", ffn_chunk_tokens: int | None = 256,
+                  batch: int, training: bool = True, outputs: str = "full", ffn_chunk_tokens: int | None = None,
                   layout: str = "zigzag", lengths: tuple[int, int] | None = None, optimizer: str = "none",
                   mixed_precision: bool = False, dp: int = 1, checkpoint: str | None = None,
                   module_prefix: str = "") -> ModelProfile:
@@ -298,6 +303,11 @@ def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols:
                                     "backward": {"one_piece": [2.1, 2.0], "pieces": [3.3, 2.0]}}
         profile.notes.append(f"block kernel workspace not measured ({type(err).__name__}: {err}); assumed")
     try:
+        profile.fused_workspace = _fused_workspace(str(dtype).removeprefix("torch."))
+    except Exception as err:  # noqa: BLE001
+        profile.fused_workspace = {"forward": [65536, 2.0], "backward": [65536, 4.0]}
+        profile.notes.append(f"fused kernel workspace not measured ({type(err).__name__}); assumed")
+    try:
         _fit_profile(run_gm, symbols, profile, lengths)
     except Exception as err:  # noqa: BLE001 - any model: fall back to the analytic estimate, say so
         _analytic_profile(profile)
@@ -307,6 +317,12 @@ def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols:
         try:
             piece = _mask_piece_bytes(gm, symbols, profile.fit_lengths[0], profile.tile_tokens)
             profile.mask_piece_bytes = float(piece)
+            from .runtime import fused_attention
+
+            chunk = fused_attention._MASK_CHUNK  # the fused kernels evaluate a mask for this many key tiles at once
+            profile.mask_chunk_bytes = float(_mask_piece_bytes(gm, symbols, profile.fit_lengths[0],
+                                                               profile.tile_tokens, chunk))
+            profile.mask_static = _masks_static(gm, symbols)
         except Exception as err:  # noqa: BLE001
             profile.notes.append(f"block mask evaluation not measured ({type(err).__name__})")
     return profile
@@ -370,7 +386,8 @@ def _ring_terms(profile: ModelProfile, local: int, world_size: int, hardware: Ha
     """Bytes of the ring on one device while one attention layer runs (forward, backward)."""
     b, h, hkv, d, dt = profile.batch, profile.heads, profile.kv_heads, profile.head_dim, profile.dtype_bytes
     kv_block = 2 * b * hkv * local * d  # elements of one K+V block
-    torch_kernels = hardware.kernel == "torch" or profile.masked
+    kind = hardware.kernel if hardware.kernel != "triton" or not profile.masked else "torch"  # CUDA: masks -> tiles
+    torch_kernels = kind == "torch"
     t, pieces = _tile(profile, local)
     tile, rows = b * h * t * t * _FP32, b * h * t * d * _FP32
     mask = profile.mask_piece_bytes * t / max(1, profile.tile_tokens) * profile.batch / max(1, profile.sim_batch)
@@ -382,6 +399,13 @@ def _ring_terms(profile: ModelProfile, local: int, world_size: int, hardware: Ha
         one, many = ws.get("one_piece", [0.0, 0.0]), ws.get("pieces", [0.0, 0.0])
         tiles, row_blocks = many if pieces else one
         carried = max(0.0, many[0] - one[0]) if pieces else 0.0
+        if kind == "fused":  # the piece's output (and dQ, dK, dV) beside the running state: rows of the block
+            fixed, per_row = (profile.fused_workspace or {}).get(phase, [0.0, 0.0])
+            # the block mask: classified (TILE x 4 TILE at a time) once per step, at the first forward, its plan
+            # then shared by every layer and the backward, which evaluates only partly visible tiles (T x T)
+            chunk = profile.mask_chunk_bytes * profile.batch / max(1, profile.sim_batch)
+            evaluated = 0.0 if profile.mask_static else (chunk if phase == "forward" else mask)
+            return fixed + per_row * b * h * local * d * _FP32 + evaluated
         return max(tiles * tile + row_blocks * rows, mask + carried * tile) if torch_kernels else 0.0
 
     kernel_fwd, kernel_bwd = kernel("forward"), kernel("backward")
@@ -389,9 +413,11 @@ def _ring_terms(profile: ModelProfile, local: int, world_size: int, hardware: Ha
     state_fwd = upcast
     state_bwd = upcast + b * h * local * _FP32 + kv_block * _FP32  # dQ, delta, the block's dK/dV
     ring = world_size > 1
+    received = 1 if world_size == 2 else 2  # key/value receive buffers (runtime/ring_attention.py: _Ring.kv_buffers)
     return {
-        "kv_forward": 2 * kv_block * dt if ring else 0,
-        "kv_backward": (2 * kv_block * dt + 3 * kv_block * _FP32) if ring else 0,  # kv x2, dK/dV buffers x2 + in flight
+        "kv_forward": received * kv_block * dt if ring else 0,
+        # the receive buffers, and two more fp32 dK/dV pairs: the share in flight and the accumulator arriving
+        "kv_backward": (received * kv_block * dt + 2 * kv_block * _FP32) if ring else 0,
         "workspace_forward": kernel_fwd + state_fwd,
         "workspace_backward": kernel_bwd + state_bwd,
     }
@@ -974,7 +1000,7 @@ def _simulate(gm: fx.GraphModule, symbols: set, seq_len: int, training: bool) ->
             "attention_backward_activations": recorder.backward_activations}
 
 
-def _mask_piece_bytes(gm: fx.GraphModule, symbols: set, seq_len: int, tile: int) -> int:
+def _mask_piece_bytes(gm: fx.GraphModule, symbols: set, seq_len: int, tile: int, key_tiles: int = 1) -> int:
     """Peak bytes of evaluating each attention's block mask (``passes/masks.py``, as the ring does per piece)
     on one ``tile`` x ``tile`` piece, on fake tensors: a mask read from a table slices rows of the whole
     table first (nanoGPT's ``bias``: [tile, max_len])."""
@@ -996,13 +1022,33 @@ def _mask_piece_bytes(gm: fx.GraphModule, symbols: set, seq_len: int, tile: int)
     with fake_mode, torch.no_grad():
         sim.run(*args, enable_io_processing=False)
         pos = torch.arange(min(tile, seq_len), device=_graph_device(gm))
+        keys = torch.arange(min(key_tiles * tile, seq_len), device=_graph_device(gm))
         worst = 0
         for bm in masks.values():
             leaves = [sim.env[leaf] if isinstance(leaf, fx.Node) else leaf for leaf in bm.leaves]
             with PeakMemory() as meter:
-                bm.fn(pos, pos, *leaves)
+                bm.fn(pos, keys, *leaves)
             worst = max(worst, meter.peak_bytes)
     return worst
+
+
+def _masks_static(gm: fx.GraphModule, symbols: set) -> bool:
+    """Whether every attention mask reads only buffers and positions (no graph input): the same tensors every
+    step, so the fused kernels' cached tile plan is reused and no step evaluates a mask."""
+    from .passes.graph import to_digraph
+    from .passes.masks import block_mask
+
+    import networkx as nx
+
+    g = to_digraph(gm.graph)
+    for node in _attention_nodes(gm.graph):
+        mask = _mask_arg(node)
+        if not isinstance(mask, fx.Node):
+            continue
+        for leaf in block_mask(mask, symbols).leaves:
+            if isinstance(leaf, fx.Node) and any(a.op == "placeholder" for a in nx.ancestors(g, leaf) | {leaf}):
+                return False
+    return True
 
 
 def _graph_device(gm: fx.GraphModule) -> torch.device:
@@ -1093,6 +1139,40 @@ def _analytic_profile(profile: ModelProfile) -> None:
 
 
 @functools.cache
+def _fused_workspace(dtype_name: str) -> dict:
+    """What the fused kernels keep alive beside the running state: a piece's output and the merge (forward),
+    its dQ, dK, dV (backward), as [fixed bytes, bytes per fp32 element of q's shard], from their peaks on one
+    causal block at two lengths (the block mask's own evaluation is added per model: ``mask_piece_bytes``)."""
+    from .memory import PeakMemory
+    from .runtime import fused_attention
+
+    dtype = getattr(torch, dtype_name)
+    b, h, hkv, d = 1, 2, 1, 16
+    gen = torch.Generator().manual_seed(0)
+    peaks = {}
+    for length in (4 * fused_attention.TILE, 8 * fused_attention.TILE):
+        q = torch.randn(b, h, length, d, generator=gen).to(dtype)
+        k, v = (torch.randn(b, hkv, length, d, generator=gen).to(dtype) for _ in range(2))
+        pos = torch.arange(length)
+        lse = torch.full((b, h, length), float("-inf"))
+        o = torch.zeros(b, h, length, d)
+        with torch.no_grad(), PeakMemory() as fwd:
+            fused_attention.fused_block_forward(q, k, v, o, lse, pos, pos, scale=d**-0.5, causal=True)
+        do, delta = torch.randn(b, h, length, d, generator=gen).to(dtype), torch.randn(b, h, length, generator=gen)
+        dq, dk, dv = torch.zeros(b, h, length, d), torch.zeros(b, hkv, length, d), torch.zeros(b, hkv, length, d)
+        with torch.no_grad(), PeakMemory() as bwd:
+            fused_attention.fused_block_backward(q, k, v, do, lse, delta, dq, dk, dv, pos, pos, scale=d**-0.5,
+                                                 causal=True, out=o.to(dtype))
+        peaks[length] = (fwd.peak_bytes, bwd.peak_bytes)
+    (l1, (f1, b1)), (l2, (f2, b2)) = sorted(peaks.items())
+    unit = b * h * d * _FP32
+    out = {}
+    for phase, p1, p2 in (("forward", f1, f2), ("backward", b1, b2)):
+        rows = max(0.0, (p2 - p1) / ((l2 - l1) * unit))
+        out[phase] = [round(max(0.0, p1 - rows * l1 * unit)), round(rows, 4)]
+    return out
+
+
 def _kernel_workspace(tile: int, dtype_name: str, masked: bool) -> dict:
     """What the torch block kernels keep alive (see ``ModelProfile.kernel_workspace``): their peak on a
     block of one T x T piece and of 2 x 2 pieces, solved for fp32 [B,H,T,T] tiles and [B,H,T,D] row

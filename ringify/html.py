@@ -776,7 +776,8 @@ def _layers_section(report) -> str:
                            _module(a.get("module_path", "")), _source(a.get("source", ""))])
         for f in layer.get("ffn", []):
             chunk = f' <span class="muted">{_e(f["chunk_tokens"])} tokens/chunk</span>' if f.get("chunk_tokens") else ""
-            blocks.append(["feed-forward", _ffn(f), dash, dash, '<span class="badge ok">chunked FFN</span>' + chunk,
+            done = "chunked FFN" if f.get("chunk_tokens") else "whole (not chunked)"
+            blocks.append(["feed-forward", _ffn(f), dash, dash, f'<span class="badge ok">{done}</span>' + chunk,
                            _module(f.get("module_path", "")), _source(f.get("source", ""))])
         for i, block in enumerate(blocks):
             cells = "".join(f"<td>{c}</td>" for c in block)

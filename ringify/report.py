@@ -47,7 +47,8 @@ class Report:
             a = ", ".join(f"{x.get('kind', '?')}{_softcap_text(x)} -> ring" for x in attn) or "-"
             m = ", ".join(mask_text(x) for x in attn) or "-"
             g = ", ".join("yes" if x.get("gqa") else "no" for x in attn) or "-"
-            f = ", ".join(f"{x.get('kind', '?')}({x.get('activation', '')}) -> chunked" for x in ffn) or "-"
+            f = ", ".join(f"{x.get('kind', '?')}({x.get('activation', '')}) -> "
+                          + ("chunked" if x.get("chunk_tokens") else "whole") for x in ffn) or "-"
             src = (attn or ffn or [{}])[0].get("source", "")
             lines.append(f"| {path or '(top)'} | {a} | {m} | {g} | {f} | {src} |")
         lines += ["", f"- positions rewritten to global positions: {len(self.positions)}",

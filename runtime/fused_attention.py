@@ -36,6 +36,60 @@ _MASK_CHUNK = 4  # key tiles per block-mask evaluation (bounds the mask's memory
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
+
+class _CPU:
+    """``aten._scaled_dot_product_flash_attention_for_cpu``: GQA as it is, an additive fp32 mask, fp32 compute
+    (16-bit inputs are upcast per block: the ring's fp32 merge then sees fp32 pieces)."""
+
+    compute = torch.float32
+
+    @staticmethod
+    def forward(q, k, v, causal: bool, bias, scale: float):
+        return _flash(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+
+    @staticmethod
+    def backward(do, q, k, v, out, lse, causal: bool, bias, scale: float):
+        return _flash_backward(do, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale)
+
+
+class _CUDA:
+    """``aten._scaled_dot_product_efficient_attention`` (the memory-efficient kernel: an additive mask and
+    the log-sum-exp; its backward takes the global output and log-sum-exp, as PyTorch's context parallel
+    calls it). Inputs in their own dtype; GQA by expanding k/v heads (views) and summing dk/dv per group.
+    Opt-in (``RINGIFY_KERNEL=fused`` on CUDA); ``benchmarks/gpu_kernels.py`` measures and checks it."""
+
+    compute = None  # the inputs' dtype
+
+    @staticmethod
+    def forward(q, k, v, causal: bool, bias, scale: float):
+        (k, v), _ = _CUDA._expand(q, k, v)
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None if bias is None else bias.to(q.dtype).expand(q.shape[0], q.shape[1], -1, -1), True, 0.0,
+            causal, scale=scale)
+        return out, lse[..., : q.shape[2]].float()
+
+    @staticmethod
+    def backward(do, q, k, v, out, lse, causal: bool, bias, scale: float):
+        (ke, ve), group = _CUDA._expand(q, k, v)
+        attn_bias = None if bias is None else bias.to(q.dtype).expand(q.shape[0], q.shape[1], -1, -1)
+        zero = torch.zeros((), dtype=torch.int64, device=q.device)
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            do, q, ke, ve, attn_bias, out, lse.contiguous(), zero, zero, 0.0, [True, True, True, False], causal,
+            scale=scale)
+        if group > 1:
+            dk, dv = (t.unflatten(1, (k.shape[1], group)).sum(2) for t in (dk, dv))
+        return dq, dk, dv
+
+    @staticmethod
+    def _expand(q, k, v):
+        group = q.shape[1] // k.shape[1]
+        if group == 1:
+            return (k, v), 1
+        return (k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)), group
+
+
+_BACKENDS = {"cpu": _CPU, "cuda": _CUDA}
+
 FULL, CAUSAL, PARTIAL, EMPTY = "full", "causal", "partial", "empty"
 
 
@@ -51,8 +105,9 @@ class Piece:
     safe: bool = True   # PARTIAL: every query row sees its own position (a bias at or below HIDDEN hides)
 
 
-def available(device_type: str) -> bool:
-    return device_type == "cpu"
+def available(device_type: str, opt_in: bool = False) -> bool:
+    """CPU by default; CUDA only when asked for (its path is checked by benchmarks/gpu_kernels.py on a GPU)."""
+    return device_type == "cpu" or (opt_in and device_type in _BACKENDS)
 
 
 def supports(mask_fn, fill: float, softcap: float) -> bool:
@@ -384,11 +439,12 @@ def fused_block_forward(q, k, v, out, lse, q_pos, k_pos, *, scale: float, causal
     extended = _extended(mask_fn, fill)
     dims = (q.shape[0], q.shape[1])
     pieces, exact = cached_plan(plan_key, q_pos, k_pos, causal, mask_fn, fill, dims)
-    q32, k32, v32 = (t if t.dtype == torch.float32 else t.float() for t in (q, k, v))
+    backend = _BACKENDS[q.device.type]
+    q32, k32, v32 = (_as(t, backend.compute) for t in (q, k, v))
     for p in pieces:
         bias, empty_rows = _tile_bias(p, q_pos, k_pos, causal, mask_fn, dims)
-        o, l = _flash(q32[:, :, p.qs:p.qs + p.ql], k32[:, :, p.ks:p.ks + p.kl], v32[:, :, p.ks:p.ks + p.kl], 0.0,
-                      p.kind == CAUSAL, attn_mask=bias, scale=scale)
+        o, l = backend.forward(q32[:, :, p.qs:p.qs + p.ql], k32[:, :, p.ks:p.ks + p.kl], v32[:, :, p.ks:p.ks + p.kl],
+                               p.kind == CAUSAL, bias, scale)
         if empty_rows is not None:  # the fused kernel gives those rows log-sum-exp 0 (and output 0)
             l = l.masked_fill(empty_rows.expand(l.shape), float("-inf"))
         _merge(out[:, :, p.qs:p.qs + p.ql], lse[..., p.qs:p.qs + p.ql], o, l, extended)
@@ -396,6 +452,10 @@ def fused_block_forward(q, k, v, out, lse, q_pos, k_pos, *, scale: float, causal
         block_attention.torch_block_forward(q[:, :, qs:qs + ql], k, v, out[:, :, qs:qs + ql], lse[..., qs:qs + ql],
                                             q_pos[qs:qs + ql], k_pos, scale=scale, causal=causal, mask_fn=mask_fn,
                                             fill=fill)
+
+
+def _as(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 def _merge(out, lse, o, l, extended: bool) -> None:
@@ -431,13 +491,13 @@ def fused_block_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, *, s
     pieces, exact = cached_plan(plan_key, q_pos, k_pos, causal, mask_fn, fill, dims)
     total = lse[0] + lse[1] if extended else lse
     total = torch.where(torch.isneginf(total), float("inf"), total)  # rows that saw no key: probabilities 0
-    q32, k32, v32, do32, out32 = (t if t.dtype == torch.float32 else t.float() for t in (q, k, v, do, out))
+    backend = _BACKENDS[q.device.type]
+    q32, k32, v32, do32, out32 = (_as(t, backend.compute) for t in (q, k, v, do, out))
     for p in pieces:
         rows, keys = slice(p.qs, p.qs + p.ql), slice(p.ks, p.ks + p.kl)
         bias, _ = _tile_bias(p, q_pos, k_pos, causal, mask_fn, dims)
-        gq, gk, gv = _flash_backward(do32[:, :, rows], q32[:, :, rows], k32[:, :, keys], v32[:, :, keys],
-                                     out32[:, :, rows], total[..., rows].contiguous(), 0.0, p.kind == CAUSAL,
-                                     attn_mask=bias, scale=scale)
+        gq, gk, gv = backend.backward(do32[:, :, rows], q32[:, :, rows], k32[:, :, keys], v32[:, :, keys],
+                                      out32[:, :, rows], total[..., rows].contiguous(), p.kind == CAUSAL, bias, scale)
         dq[:, :, rows] += gq
         dk[:, :, keys] += gk
         dv[:, :, keys] += gv

@@ -49,7 +49,7 @@ def _block_kernels(device_type: str, mask: str, fill: float, softcap: float = 0.
     classified per tile), the plain-torch tiles where it cannot go (soft-capping, a fill that does not
     hide). CUDA: Triton without a mask, the plain-torch tiles with one. ``RINGIFY_KERNEL`` overrides."""
     choice = _kernel_choice()
-    if choice in ("auto", "fused") and fused_attention.available(device_type) and \
+    if choice in ("auto", "fused") and fused_attention.available(device_type, opt_in=choice == "fused") and \
             fused_attention.supports(mask, fill, softcap):
         return fused_attention.fused_block_forward, fused_attention.fused_block_backward
     if _extended(mask, fill) or softcap or choice == "fused":

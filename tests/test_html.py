@@ -81,7 +81,7 @@ def llama():
     built = zoo.llama()
     args, kwargs = built.make_inputs(0, 9)
     captured = capture(built.model, args, kwargs, 1)
-    gm, report = rewrite(built.model, captured, world_size=2)
+    gm, report = rewrite(built.model, captured, world_size=2, ffn_chunk_tokens=256)  # the chunked FFN drawn too
     report.graph = graph_summary(gm)
     return gm, report
 

@@ -425,7 +425,10 @@ def test_report_lists_layers(seed):
     report = rm.report()
     text = report.to_markdown()
     assert "model.layers.0" in text and "model.layers.1" in text, text
-    assert "ring" in text and "chunked" in text, text
+    assert "ring" in text and "gated(silu) -> whole" in text, text  # found; run whole (ffn_chunk_tokens=None)
+    chunked = ringify(copy.deepcopy(model), ffn_chunk_tokens=256)
+    chunked(*args, **kwargs)
+    assert "gated(silu) -> chunked" in chunked.report(cost=False).to_markdown()
     assert '"layers"' in report.to_json()
 
 
