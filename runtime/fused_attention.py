@@ -454,12 +454,33 @@ def fused_block_forward(q, k, v, out, lse, q_pos, k_pos, *, scale: float, causal
                                             fill=fill)
 
 
+class _LazyDelta:
+    """``rowsum(dO * O)`` computed for the rows asked for (``delta[..., rows]``), only when asked."""
+
+    def __init__(self, do, out):
+        self.do, self.out = do, out
+
+    def __getitem__(self, index):
+        index = index[-1] if isinstance(index, tuple) else index
+        index = slice(None) if index is Ellipsis else index
+        return (self.do[:, :, index].float() * self.out[:, :, index].float()).sum(-1)
+
+
 def _as(t: torch.Tensor, dtype) -> torch.Tensor:
     return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 def _merge(out, lse, o, l, extended: bool) -> None:
-    """Merge a piece's (output, log-sum-exp) into the running state, in place, in fp32."""
+    """Merge a piece's (output, log-sum-exp) into the running state, in place, in fp32 (into a state that has
+    seen nothing yet: a copy)."""
+    if bool(torch.isneginf(lse[0] if extended else lse).all()):
+        out.copy_(o)
+        if extended:
+            lse[0].copy_(l)
+            lse[1].zero_()
+        else:
+            lse.copy_(l)
+        return
     if not extended:
         new = torch.logaddexp(lse, l)
         safe = block_attention._finite(new)
@@ -483,9 +504,12 @@ def fused_block_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, *, s
                          plan_key=None) -> None:
     """This block's share of dq (into ``dq``) and of dk, dv (into ``dk``, ``dv``), in place, from the global
     output ``out`` and log-sum-exp ``lse`` (the fused backward recomputes the probabilities from them)."""
+    if delta is None:  # rowsum(dO * O), which only the plain-torch kernels below need
+        delta = _LazyDelta(do, out)
     if out is None or not supports(mask_fn, fill, softcap):
-        return block_attention.torch_block_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, scale=scale,
-                                                    causal=causal, mask_fn=mask_fn, fill=fill, softcap=softcap)
+        return block_attention.torch_block_backward(q, k, v, do, lse, delta[...], dq, dk, dv, q_pos, k_pos,
+                                                    scale=scale, causal=causal, mask_fn=mask_fn, fill=fill,
+                                                    softcap=softcap)
     extended = _extended(mask_fn, fill)
     dims = (q.shape[0], q.shape[1])
     pieces, exact = cached_plan(plan_key, q_pos, k_pos, causal, mask_fn, fill, dims)

@@ -20,21 +20,24 @@ def described(key: str) -> str | None:
     return _descriptions.get(key)
 
 
-def describe_once(key: str, mask_fn, seq_len: int, causal: bool, device) -> None:
-    """Record a description of ``mask_fn`` (bound to its arguments) the first time ``key`` runs."""
+def describe_once(key: str, mask_fn, seq_len: int, causal: bool, device, piece: int | None = None) -> None:
+    """Record a description of ``mask_fn`` (bound to its arguments) the first time ``key`` runs; ``piece``:
+    the most queries or keys it is evaluated on at once (a shard's length: never more than the ring asks)."""
     if key in _descriptions:
         return
     try:
-        _descriptions[key] = describe(mask_fn, seq_len, causal, device)
+        _descriptions[key] = describe(mask_fn, seq_len, causal, device, piece)
     except Exception as err:  # noqa: BLE001 - a label for reports: never fail the call for it
         _descriptions[key] = f"block mask (not described: {type(err).__name__})"
 
 
-def describe(mask_fn, seq_len: int, causal: bool, device="cpu") -> str:
+def describe(mask_fn, seq_len: int, causal: bool, device="cpu", piece: int | None = None) -> str:
     rows = torch.unique(torch.cat([torch.linspace(0, seq_len - 1, _ROWS).round().long(),
                                    torch.tensor([0, 1, seq_len - 1])]).clamp_(0, seq_len - 1)).to(device)
     keys = torch.arange(seq_len, device=device)
-    m = mask_fn(rows, keys)
+    piece = piece or seq_len
+    m = torch.cat([torch.cat([_broadcast(mask_fn(r, c), len(r), len(c)) for c in keys.split(piece)], -1)
+                   for r in rows.split(piece)], -2)
     if m.is_floating_point():
         hidden = torch.isneginf(m) | (m <= -1e30)
         if not bool(hidden.any()):
@@ -47,6 +50,11 @@ def describe(mask_fn, seq_len: int, causal: bool, device="cpu") -> str:
     if causal:
         m = m & (keys[None, None, :] <= rows[None, :, None])
     return _words(m, rows) + bias
+
+
+def _broadcast(m: torch.Tensor, lq: int, lk: int) -> torch.Tensor:
+    shape = (1,) * (4 - m.dim()) + tuple(m.shape)
+    return m.reshape(shape).expand(*shape[:2], lq, lk)
 
 
 def _words(keep: torch.Tensor, rows: torch.Tensor) -> str:

@@ -234,7 +234,7 @@ def ring_forward(q, k, v, group, causal: bool, scale: float, layout: str, timeou
     lengths = _agree(q, k, v, group, causal, layout, timeout_s, mask=mask, fill=fill, softcap=softcap)
     ring = _Ring(q, k, group, causal, layout, timeout_s, lengths, fill)
     if mask:
-        mask_structure.describe_once(mask, _bound_mask(mask, mask_args), sum(lengths), causal, q.device)
+        mask_structure.describe_once(mask, _bound_mask(mask, mask_args), sum(lengths), causal, q.device, min(lengths))
     forward_block, _ = _block_kernels(q.device.type, mask, fill, softcap)
     options = _kernel_options(mask, mask_args, fill, softcap)
     if forward_block is fused_attention.fused_block_forward:
@@ -270,10 +270,12 @@ def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float
     ring = _Ring(q, k, group, causal, layout, timeout_s, lengths, fill)
     _, backward_block = _block_kernels(q.device.type, mask, fill, softcap)
     options = _kernel_options(mask, mask_args, fill, softcap)
-    if backward_block is fused_attention.fused_block_backward:
+    fused = backward_block is fused_attention.fused_block_backward
+    if fused:
         options["out"] = out  # the global output: the fused backward recomputes probabilities from it and lse
         options["plan_key"] = (mask, tuple(mask_args))
-    delta = (grad_out.float() * out.float()).sum(-1)
+    # rowsum(dO * O): the plain-torch and Triton kernels take it; the fused backward derives it from out itself
+    delta = None if fused else (grad_out.float() * out.float()).sum(-1)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     q_pos = ring.positions[ring.rank]
 
