@@ -6,8 +6,9 @@
     target within 15% of world 1. Measured with ``outputs="local"`` (logits stay this rank's shard) and,
     for comparison, ``outputs="full"`` (the default: logits gathered to [B, S_global, vocab] on every
     rank, O(global length x vocab) by design).
-(b) One rank, a longer sequence (``--long``): the ringified model (blockwise attention, feed-forward in
-    chunks of ``ffn_chunk_tokens=256``) against the untouched model with eager attention and with SDPA.
+(b) One rank, a longer sequence (``--long``): the ringified model (the ring's fused block kernels; feed-forward
+    whole, the default, and in chunks of ``ffn_chunk_tokens=256`` recomputed in backward) against the
+    untouched model with eager attention and with SDPA.
 
 The model is small (hidden 128, intermediate 512, 4 heads, 2 KV heads, 2 layers, vocab 256) so that
 activations, not parameters, dominate. :class:`ringify.memory.PeakMemory` counts the bytes of live
@@ -122,8 +123,8 @@ def one_rank(cfg: dict, batch: int, seq_len: int) -> dict:
     return {
         "untouched eager": measure(build(cfg, "eager"), ids),
         "untouched sdpa": measure(build(cfg, "sdpa"), ids),
-        "ringify (ffn chunks 256)": measure(ringify(build(cfg, "sdpa")), ids),
-        "ringify, ffn not chunked": measure(ringify(build(cfg, "sdpa"), ffn_chunk_tokens=None), ids),
+        "ringify (default: ffn whole)": measure(ringify(build(cfg, "sdpa")), ids),
+        "ringify, ffn_chunk_tokens=256": measure(ringify(build(cfg, "sdpa"), ffn_chunk_tokens=256), ids),
     }
 
 
