@@ -55,6 +55,7 @@ class RingModule(torch.nn.Module):
         self._reports: dict[tuple, Report] = {}
         self._last: tuple | None = None
         self._last_seq_len: int | None = None
+        self._generation: dict[tuple, object] = {}
 
     @property
     def world_size(self) -> int:
@@ -94,6 +95,43 @@ class RingModule(torch.nn.Module):
         captured, gm = self._callers[key], self._graphs[key]
         # under FSDP2 the whole graph is the root module's forward (its hooks around it)
         return fsdp.call_under_root(self.model, lambda *a, **k: captured(gm, a, k), args, kwargs)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask=None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
+                 pad_token_id=None, generator: torch.Generator | None = None, output_scores: bool = False,
+                 on_token=None):
+        """``[B, S + N]`` tokens, the same on every rank (call it on every rank with the same inputs).
+
+        The prompt's ring forward fills a key/value cache sharded over the ranks (ceil(S/W) tokens each, no
+        logits but the last position's); each new token runs the model at one position, its attention over
+        every rank's shard merged by log-sum-exp. For HF causal LMs greedy decoding returns what
+        ``model.generate(input_ids, max_new_tokens=N, do_sample=False)`` returns, left-padded batches included
+        (``attention_mask``: 1 = token, 0 = padding; ``eos_token_id``/``pad_token_id`` default to the model's
+        ``generation_config``; finished rows are padded and the loop stops when every row has finished).
+        ``do_sample``: HF's temperature, top-k and top-p warpers, drawn with ``generator`` on rank 0 and
+        broadcast. ``output_scores``: also return the processed scores of each step (``[B, V]`` fp32), as HF's
+        ``scores``. ``on_token(done, total)``: called after each token (progress bars)."""
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, generator=generator, output_scores=output_scores, on_token=on_token)
+
+    @torch.compiler.disable
+    def _generation_graphs(self, args, kwargs, inputs):
+        """The prefill and decode graphs for a prompt of this signature (captured once, reused for every step and
+        every later prompt of the same shape)."""
+        from .generate import build_graphs
+
+        key = ("generate", signature(args, kwargs, self.model.training))
+        if key not in self._generation:
+            self._generation[key] = build_graphs(self, args, kwargs, inputs)
+        return self._generation[key]
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of this rank's key/value cache in the last ``generate`` (allocated for the prompt and the new tokens)."""
+        return getattr(self, "_last_cache_bytes", 0)
 
     def _warn_gathered_outputs(self, captured, seq_len: int) -> None:
         """Warn once when ``outputs="full"`` would gather more to every rank than the rank's own parameters and
@@ -190,18 +228,8 @@ def rewrite(model: torch.nn.Module, captured, *, world_size: int, group: str = "
     can show what a model becomes on 8 ranks from one process. The report's picture and cost section
     come later, from :func:`complete_report` (they cost a few fake-tensor traces).
     """
-    gm, seq_len = captured.graph_module, captured.seq_len
-    if not captured.symbols and world_size > 1:
-        sized = ([n for n, t in model.named_buffers() if seq_len in t.shape]
-                 or [n for n, t in model.named_parameters() if t.dim() and t.shape[0] == seq_len])  # position tables
-        why = (f"; it equals a size of {', '.join(f'`{n}`' for n in sized[:3])}: torch.export proves that slicing "
-               f"such a table to the sequence takes all of it and bakes the length in. Hint: make the table longer "
-               f"than the sequence (nanoGPT: block_size > T) or call with fewer than {seq_len} tokens"
-               if sized else " (the model branches on it). Hint: remove the branch on the sequence length")
-        raise UnsupportedModelError(
-            f"the sequence length of {type(model).__name__} was specialised to {seq_len} during capture, so "
-            f"ringify cannot find the tokens in the graph{why}."
-        )
+    gm = captured.graph_module
+    check_symbolic(model, captured, world_size)
     attention = canonicalize_attention(gm)
     token_dim = lambda n: symbolic_token_dim(n, captured.symbols)  # noqa: E731
     if ffn_chunk_tokens:
@@ -213,9 +241,25 @@ def rewrite(model: torch.nn.Module, captured, *, world_size: int, group: str = "
     new, plan = shard_graph(gm, captured.symbols, group=group, layout=layout, world_size=world_size,
                             outputs=outputs, sync_grads=sync_grads, token_local=dropless_experts(model))
     regions = outline_regions(new, model, captured, checkpoint)
-    report = build_report(model, attention, ffn, plan, world_size=world_size, seq_len=seq_len, layout=layout)
+    report = build_report(model, attention, ffn, plan, world_size=world_size, seq_len=captured.seq_len, layout=layout)
     report.regions = regions
     return new, report
+
+
+def check_symbolic(model: torch.nn.Module, captured, world_size: int) -> None:
+    """Refuse a capture whose sequence length export specialised to a constant: the tokens are not in the graph."""
+    seq_len = captured.seq_len
+    if not captured.symbols and world_size > 1:
+        sized = ([n for n, t in model.named_buffers() if seq_len in t.shape]
+                 or [n for n, t in model.named_parameters() if t.dim() and t.shape[0] == seq_len])  # position tables
+        why = (f"; it equals a size of {', '.join(f'`{n}`' for n in sized[:3])}: torch.export proves that slicing "
+               f"such a table to the sequence takes all of it and bakes the length in. Hint: make the table longer "
+               f"than the sequence (nanoGPT: block_size > T) or call with fewer than {seq_len} tokens"
+               if sized else " (the model branches on it). Hint: remove the branch on the sequence length")
+        raise UnsupportedModelError(
+            f"the sequence length of {type(model).__name__} was specialised to {seq_len} during capture, so "
+            f"ringify cannot find the tokens in the graph{why}."
+        )
 
 
 def outline_regions(gm: fx.GraphModule, model: torch.nn.Module, captured, checkpoint: str | None) -> list[dict]:

@@ -310,3 +310,23 @@ def _masked_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, scale, c
             ds.view(b, hkv, group, ql, kl).masked_fill_(~keep, 0.0)  # a filled score is a constant
         dq5[:, :, :, qs : qs + ql] += torch.matmul(ds, k_blk).mul_(scale).view(b, hkv, group, ql, -1)
         dk[:, :, ks : ks + kl] += torch.matmul(ds.transpose(-1, -2), q_f).mul_(scale)
+
+
+def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor], extended: bool):
+    """One (out, lse) from partial results over disjoint key sets, in the order given (so every rank that
+    merges the same list gets the same bits): the stable log-sum-exp merge of the ring, in fp32.
+
+    ``outs``: normalised fp32 outputs ``[B, H, L, D]``; ``lses``: ``[B, H, L]``, or the two-part extended
+    states ``[2, B, H, L]`` (row maximum, log of the sum relative to it). A part that saw no key
+    (lse -inf) weighs nothing; a row no part saw gives output 0, as the kernels do."""
+    his = [l[0] if extended else l for l in lses]
+    los = [l[1] if extended else torch.zeros_like(l) for l in lses]
+    hi = torch.stack(his).amax(0)
+    safe = _finite(hi)
+    weights = [torch.exp(h - safe + lo) for h, lo in zip(his, los)]
+    total = torch.stack(weights).sum(0)
+    norm = torch.where(total > 0, total, 1.0)
+    out = sum(o * (w / norm).unsqueeze(-1) for o, w in zip(outs, weights))
+    if extended:
+        return out, torch.stack([hi, torch.log(norm)])
+    return out, torch.where(total > 0, safe + torch.log(norm), float("-inf"))

@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from .block_mask import register_block_mask
 from .collectives import all_reduce_sum, local_positions
 from .comm import rank_and_size, resolve_group
+from .layout import LAST
 from .ring_attention import ring_attention
 from .sequence import gather_sequence
 
 
 def shard_like(x: torch.Tensor, dim: int, group: str, layout: str) -> torch.Tensor:
     """This rank's tokens of a full tensor along ``dim`` (differentiable); on one rank, ``x`` itself."""
-    if rank_and_size(resolve_group(group))[1] == 1:
+    if rank_and_size(resolve_group(group))[1] == 1 and layout != LAST:
         return x
     positions = local_positions(x.size(dim), group, layout, x.device)
     return x.index_select(dim, positions)

@@ -8,6 +8,10 @@ sorted ascending, which the kernels rely on to skip causal blocks that are fully
 - ``zigzag``: the sequence is cut into 2W near-equal chunks and rank r holds chunks r and 2W-1-r, so
   every rank does the same causal work.
 - ``striped``: rank r holds tokens r, r+W, r+2W, ...: balanced at token granularity.
+
+One more, internal to decoding (not a layout a user picks): ``LAST``, the last token only, on every rank.
+A ringified graph run under it computes the token being decoded on every rank, its attention pointed
+at the sharded key/value cache (:mod:`.kv_cache`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import functools
 import torch
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
+LAST = "last"  # decoding: every rank holds the last position (see the module docstring)
 
 
 def check_layout(layout: str) -> None:
@@ -26,6 +31,8 @@ def check_layout(layout: str) -> None:
 
 @functools.lru_cache(maxsize=1024)
 def _positions(seq_len: int, world_size: int, rank: int, layout: str) -> torch.Tensor:
+    if layout == LAST:
+        return torch.arange(seq_len - 1, seq_len)
     check_layout(layout)
     if seq_len < world_size:
         raise ValueError(

@@ -1,0 +1,162 @@
+"""rm.generate on real gloo rings: the tokens HF's generate returns, on every rank, for the model families
+ringify rewrites (GQA, sliding windows, soft-capping, learned and rotary positions, hand-written models),
+left-padded batches, sampling with HF's warpers; a prefill that never computes logits; bad input refused
+on every rank without a hang."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ringify import ringify
+from ringify.launch import RankFailure
+from zoo import VOCAB, ZOO
+
+GREEDY = ["llama_sdpa", "qwen2", "mistral_swa", "gpt2_eager", "gemma2_softcap_swa", "tiny_gpt"]
+QUICK = {"llama_sdpa", "tiny_gpt"}
+
+
+def _prompt(seed: int, batch: int, length: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _left_padding(seed: int, batch: int, length: int) -> torch.Tensor:
+    """1 = token, 0 = padding at the start; row 0 padded by 1-3 tokens, the others maybe not."""
+    g = torch.Generator().manual_seed(seed + 1)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b in range(batch):
+        pads = int(torch.randint(1 if b == 0 else 0, 4, (1,), generator=g))
+        mask[b, :pads] = 0
+    return mask
+
+
+def greedy_reference(model, ids, new_tokens: int, mask=None, pad=None):
+    """HF's generate where the model has it; else the plain loop: the whole sequence again for each token."""
+    if hasattr(model, "generate"):
+        kwargs = {} if mask is None else {"attention_mask": mask, "pad_token_id": pad}
+        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+    out = ids
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(out).logits[:, -1]
+            out = torch.cat([out, logits.argmax(-1, keepdim=True)], dim=1)
+    return out
+
+
+def check_greedy(name: str, seed: int, prompt_len: int, new_tokens: int, padded: bool = False):
+    zm = ZOO[name]()
+    reference = copy.deepcopy(zm.model)
+    ids = _prompt(seed, 2, prompt_len)
+    mask = _left_padding(seed, 2, prompt_len) if padded else None
+    pad = 0 if padded else None
+    if padded:
+        ids = ids.masked_fill(mask == 0, pad)
+    expected = greedy_reference(reference, ids, new_tokens, mask, pad)
+    rm = ringify(zm.model)
+    got = rm.generate(ids, max_new_tokens=new_tokens, attention_mask=mask, pad_token_id=pad)
+    assert torch.equal(got, expected), (name, got, expected)
+    return got, rm.cache_bytes
+
+
+def _params(names, worlds):
+    return [pytest.param(n, w, id=f"{n}-{w}", marks=[] if n in QUICK else [pytest.mark.slow]) for n in names for w in worlds]
+
+
+@pytest.mark.parametrize("name,world_size", _params(GREEDY, [2, 3]))
+def test_greedy_tokens_equal_hf_generate(ranks, seed, name, world_size):
+    prompt_len = 4 * world_size + 3  # odd, longer than the zoo's sliding windows (4)
+    results = ranks(world_size).run(check_greedy, name, seed, prompt_len, 6)
+    assert all(torch.equal(tokens, results[0][0]) for tokens, _ in results)
+
+
+@pytest.mark.parametrize("name", ["llama_sdpa", pytest.param("mistral_swa", marks=pytest.mark.slow)])
+def test_left_padded_batch(ranks, seed, name):
+    ranks(2).run(check_greedy, name, seed, 11, 5, True)
+
+
+def check_sampling(name: str, seed: int, prompt_len: int, new_tokens: int):
+    """Sampled tokens: rank 0's draw on every rank (each rank's own generator differs); each step's processed
+    scores equal HF's warpers on the untouched model's logits for the same prefix."""
+    import torch.distributed as dist
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    zm = ZOO[name]()
+    reference = copy.deepcopy(zm.model)
+    ids = _prompt(seed, 2, prompt_len)
+    rm = ringify(zm.model)
+    generator = torch.Generator().manual_seed(seed + dist.get_rank())
+    tokens, scores = rm.generate(ids, max_new_tokens=new_tokens, do_sample=True, temperature=0.7, top_k=30, top_p=0.9,
+                                 generator=generator, eos_token_id=[], output_scores=True)
+    assert tokens.shape == (2, prompt_len + new_tokens)
+    warp = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(30), TopPLogitsWarper(0.9)])
+    with torch.no_grad():
+        for step, got in enumerate(scores):
+            prefix = tokens[:, : prompt_len + step]
+            expected = warp(prefix, reference(prefix).logits[:, -1].float())
+            kept = torch.isfinite(expected)
+            assert torch.equal(kept, torch.isfinite(got)), f"step {step}: a different set of tokens survives the warpers"
+            assert torch.allclose(got[kept], expected[kept], rtol=1e-5, atol=1e-5), step
+            p_got, p_ref = torch.softmax(got, -1), torch.softmax(expected, -1)
+            assert (p_got - p_ref).abs().max() < 1e-5, step
+            chosen = tokens[:, prompt_len + step]
+            assert bool(kept[torch.arange(2), chosen].all()), "a token outside the warped support was drawn"
+    return tokens
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sampling_same_tokens_everywhere_and_hf_distributions(ranks, seed, world_size):
+    results = ranks(world_size).run(check_sampling, "llama_sdpa", seed, 3 * world_size + 2, 6)
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+def check_prefill_keeps_the_cache(name: str, seed: int, prompt_len: int):
+    """The prefill graph has no vocabulary-sized product (no logits) and leaves ceil(S/W) tokens per rank."""
+    import torch.distributed as dist
+
+    from ringify.generate import Inputs
+    from ringify.runtime.layout import shard_lengths
+
+    zm = ZOO[name]()
+    ids = _prompt(seed, 2, prompt_len)
+    rm = ringify(zm.model)
+    rm.generate(ids, max_new_tokens=1)
+    graphs = next(iter(rm._generation.values()))
+    for node in graphs.prefill.graph.nodes:
+        val = node.meta.get("val")
+        assert not (isinstance(val, torch.Tensor) and val.dim() >= 2 and val.shape[-1] == VOCAB), \
+            f"the prefill computes {node.name} {tuple(val.shape)}: vocabulary-sized"
+    world = dist.get_world_size()
+    mine = shard_lengths(prompt_len, world, rm.layout)[dist.get_rank()]
+    assert mine <= -(-prompt_len // world)
+    assert isinstance(graphs.inputs, Inputs)
+    return mine, rm.cache_bytes
+
+
+def test_prefill_computes_no_logits_and_caches_a_shard(ranks, seed):
+    results = ranks(3).run(check_prefill_keeps_the_cache, "llama_sdpa", seed, 13)
+    assert sum(n for n, _ in results) == 13
+    assert all(b > 0 for _, b in results)
+
+
+def _bad_request(kind: str, seed: int):
+    import torch.distributed as dist
+
+    zm = ZOO["gpt2_eager"]()
+    rm = ringify(zm.model)
+    if kind == "short":
+        rm.generate(_prompt(seed, 1, dist.get_world_size() - 1), max_new_tokens=2)
+    elif kind == "positions":
+        rm.generate(_prompt(seed, 1, 9), max_new_tokens=300)  # GPT-2's table here has 256 positions
+    else:
+        rm.generate(_prompt(seed + dist.get_rank(), 1, 9), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("kind,words", [("short", "prompt has 2 tokens but the ring has 3"),
+                                        ("positions", "takes at most 256"), ("different", "differ between ranks")])
+def test_bad_requests_raise_on_every_rank(ranks, seed, kind, words):
+    with pytest.raises(RankFailure) as failure:
+        ranks(3).run(_bad_request, kind, seed, timeout=60)
+    assert sorted(failure.value.failures) == [0, 1, 2]
+    assert all(words in text for text in failure.value.failures.values()), failure.value
