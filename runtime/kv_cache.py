@@ -39,6 +39,7 @@ class ShardedKVCache:
         self.counts = [0] * self.world       # tokens each rank holds
         self.appending = False               # the token being decoded joins this rank's shard
         self.q_pos = self.k_pos = None       # this step's positions (one tensor each, shared by the layers)
+        self.checked: set[int] = set()       # layers whose attention was seen to hide later tokens
 
     # -- prefill
     def begin(self, seq_len: int, layout: str, device) -> None:
@@ -132,6 +133,9 @@ def cache_attention(q, k, v, mask_args, *, slot: str, layer: int, mask_fn: str |
     from .ring_attention import _block_kernels, _extended, _kernel_options
 
     cache = cache_of(slot)
+    if layer not in cache.checked:
+        _check_causal(layer, mask_fn, mask_args, causal, int(cache.q_pos[0]) + 1, q.device)
+        cache.checked.add(layer)
     keys, values = cache.attend(layer, k, v)
     extended = _extended(mask_fn or "", fill)
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -152,3 +156,22 @@ def cache_attention(q, k, v, mask_args, *, slot: str, layer: int, mask_fn: str |
     merged, _ = merge_partials([p[:n].view(out.shape) for p in parts], [p[n:].view(lse.shape) for p in parts],
                                extended)
     return merged.to(q.dtype)
+
+
+def _check_causal(layer: int, mask_fn: str | None, mask_args, causal: bool, seq_len: int, device) -> None:
+    """A cache holds each token's key/value as computed when the token came: right only if no token attends to
+    later ones. Bidirectional attention is refused (the same verdict on every rank: the same mask, no message)."""
+    if causal:
+        return
+    from .block_mask import block_mask_fn
+
+    if mask_fn:
+        n = min(seq_len, 16)
+        pos = torch.arange(n, device=device)
+        m = block_mask_fn(mask_fn)(pos, pos, *mask_args)
+        visible = m if m.dtype == torch.bool else m > torch.finfo(torch.float32).min / 2
+        visible = torch.broadcast_to(visible, (*visible.shape[:-2], n, n)).reshape(-1, n, n)
+        if not bool(visible.triu(1).any()):
+            return
+    raise ValueError(f"attention layer {layer} lets tokens attend to later tokens (bidirectional): a key/value cache "
+                     "cannot decode it. rm.generate needs a causal language model.")

@@ -160,3 +160,15 @@ def test_bad_requests_raise_on_every_rank(ranks, seed, kind, words):
         ranks(3).run(_bad_request, kind, seed, timeout=60)
     assert sorted(failure.value.failures) == [0, 1, 2]
     assert all(words in text for text in failure.value.failures.values()), failure.value
+
+
+def _bidirectional(seed: int):
+    ringify(ZOO["bert_mlm_padded"]().model).generate(_prompt(seed, 2, 9), max_new_tokens=2)
+
+
+@pytest.mark.skipif("bert_mlm_padded" not in ZOO, reason="needs transformers")
+def test_bidirectional_attention_is_refused(ranks, seed):
+    with pytest.raises(RankFailure) as failure:
+        ranks(2).run(_bidirectional, seed, timeout=60)
+    assert sorted(failure.value.failures) == [0, 1]
+    assert all("bidirectional" in text for text in failure.value.failures.values()), failure.value
