@@ -31,6 +31,7 @@ from .runtime.layout import shard_lengths
 _UNSUPPORTED_CONFIG = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None,
                        "bad_words_ids": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
                        "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None}
+_UNSUPPORTED_SAMPLING = {"min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
 
 
 @dataclass
@@ -182,7 +183,7 @@ def generate(rm, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask
         raise ValueError(f"a prompt of {prompt} tokens and max_new_tokens={max_new_tokens} run the model on {total - 1} "
                          f"positions, but {type(model).__name__} takes at most {graphs.max_positions}. Hint: "
                          f"max_new_tokens <= {graphs.max_positions - prompt + 1}.")
-    warpers = _warpers(do_sample, temperature, top_k, top_p)
+    warpers = _warpers(model, do_sample, temperature, top_k, top_p)
     cache = kv_cache.ShardedKVCache(rm.group, capacity_per_rank(prompt, max_new_tokens, rm.world_size, rm.layout))
     unfinished = torch.ones(batch, dtype=torch.bool, device=ids.device)
     eos_t = torch.tensor(eos, dtype=ids.dtype, device=ids.device)
@@ -245,22 +246,39 @@ def _special_tokens(model, eos_token_id, pad_token_id) -> tuple[list[int], int |
     return eos, (None if pad is None else int(pad))
 
 
-def _warpers(do_sample: bool, temperature: float, top_k, top_p) -> list:
-    """HF's logits warpers, in the order HF's generate applies them (temperature, top-k, top-p)."""
+def _warpers(model, do_sample: bool, temperature: float, top_k, top_p) -> list:
+    """HF's logits warpers, in the order HF's generate applies them (temperature, top-k, top-p); ``top_k`` and
+    ``top_p`` left None take the model's generation_config, then HF's defaults (top-k 50, top-p 1.0), as
+    ``model.generate(do_sample=True)`` does. Sampling options HF would add and ringify does not are refused."""
     if not do_sample:
         return []
     try:
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     except ImportError as err:
         raise ImportError("sampling uses HF's logits warpers: pip install transformers") from err
+    config = getattr(model, "generation_config", None)
+    for name, default in _UNSUPPORTED_SAMPLING.items():
+        if getattr(config, name, None) not in (None, default):
+            raise UnsupportedModelError(f"the model's generation_config sets {name}={getattr(config, name)!r}, which "
+                                        "rm.generate does not apply when sampling. Hint: set it to None.")
+    top_k = _configured(config, "top_k", top_k, 50)
+    top_p = _configured(config, "top_p", top_p, 1.0)
     warpers = []
     if temperature is not None and temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(temperature))
-    if top_k is not None and top_k != 0:
+    if top_k:
         warpers.append(TopKLogitsWarper(top_k=top_k))
     if top_p is not None and top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p=top_p))
     return warpers
+
+
+def _configured(config, name: str, given, default):
+    """The argument, else the generation_config's value, else HF's default."""
+    if given is not None:
+        return given
+    value = getattr(config, name, None)
+    return default if value is None else value
 
 
 def _check_request(rm, input_ids, attention_mask, max_new_tokens, options) -> None:

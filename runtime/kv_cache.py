@@ -20,6 +20,7 @@ import itertools
 import torch
 
 from .block_attention import merge_partials
+from .fused_attention import fused_block_forward
 from .comm import all_gather_tensor, default_timeout, rank_and_size, resolve_group
 from .layout import layout_positions, shard_lengths
 
@@ -146,6 +147,8 @@ def cache_attention(q, k, v, mask_args, *, slot: str, layer: int, mask_fn: str |
     if cache.length:
         forward_block, _ = _block_kernels(q.device.type, mask_fn or "", fill, softcap)
         options = _kernel_options(mask_fn or "", mask_args, fill, softcap)
+        if forward_block is fused_block_forward:
+            options["plan_key"] = (mask_fn, tuple(mask_args))  # one tile plan per step for the layers sharing a mask
         forward_block(q, keys, values, out, lse, cache.q_pos, cache.k_pos, scale=scale, causal=causal, **options)
     pg = resolve_group(group)
     if rank_and_size(pg)[1] == 1:

@@ -45,7 +45,7 @@ def greedy_reference(model, ids, new_tokens: int, mask=None, pad=None):
     return out
 
 
-def check_greedy(name: str, seed: int, prompt_len: int, new_tokens: int, padded: bool = False):
+def check_greedy(name: str, seed: int, prompt_len: int, new_tokens: int, padded: bool = False, layout: str = "zigzag"):
     zm = ZOO[name]()
     reference = copy.deepcopy(zm.model)
     ids = _prompt(seed, 2, prompt_len)
@@ -54,7 +54,7 @@ def check_greedy(name: str, seed: int, prompt_len: int, new_tokens: int, padded:
     if padded:
         ids = ids.masked_fill(mask == 0, pad)
     expected = greedy_reference(reference, ids, new_tokens, mask, pad)
-    rm = ringify(zm.model)
+    rm = ringify(zm.model, layout=layout)
     got = rm.generate(ids, max_new_tokens=new_tokens, attention_mask=mask, pad_token_id=pad)
     assert torch.equal(got, expected), (name, got, expected)
     return got, rm.cache_bytes
@@ -74,6 +74,12 @@ def test_greedy_tokens_equal_hf_generate(ranks, seed, name, world_size):
 @pytest.mark.parametrize("name", ["llama_sdpa", pytest.param("mistral_swa", marks=pytest.mark.slow)])
 def test_left_padded_batch(ranks, seed, name):
     ranks(2).run(check_greedy, name, seed, 11, 5, True)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "striped"])
+def test_other_layouts(ranks, seed, layout):
+    """The cache holds the prompt at the layout's positions (striped: not contiguous runs) and decodes the same."""
+    ranks(3).run(check_greedy, "llama_sdpa", seed, 14, 5, True, layout)
 
 
 def check_sampling(name: str, seed: int, prompt_len: int, new_tokens: int):
@@ -102,6 +108,10 @@ def check_sampling(name: str, seed: int, prompt_len: int, new_tokens: int):
             assert (p_got - p_ref).abs().max() < 1e-5, step
             chosen = tokens[:, prompt_len + step]
             assert bool(kept[torch.arange(2), chosen].all()), "a token outside the warped support was drawn"
+    # left None, top-k is the generation_config's or HF's default (50), as model.generate(do_sample=True) takes it
+    _, default_scores = rm.generate(ids, max_new_tokens=1, do_sample=True, generator=generator, output_scores=True)
+    hf = reference.generate(ids, max_new_tokens=1, do_sample=True, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(torch.isfinite(default_scores[0]), torch.isfinite(hf.scores[0]))
     return tokens
 
 
