@@ -182,3 +182,65 @@ def test_bidirectional_attention_is_refused(ranks, seed):
         ranks(2).run(_bidirectional, seed, timeout=60)
     assert sorted(failure.value.failures) == [0, 1]
     assert all("bidirectional" in text for text in failure.value.failures.values()), failure.value
+
+
+class RopeLM(torch.nn.Module):
+    """Hand-written: rotary positions from ``arange`` (no position ids), GQA by ``repeat_interleave``, causal SDPA,
+    a sliding window in the second layer as a hand-built ``tril``/``triu`` bool mask."""
+
+    def __init__(self, vocab=VOCAB, d=32, heads=4, kv_heads=2, layers=2, window=5):
+        super().__init__()
+        self.heads, self.kv_heads, self.hd, self.window = heads, kv_heads, d // heads, window
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(d, (heads + 2 * kv_heads) * self.hd) for _ in range(layers))
+        self.out = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
+        self.norm = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+
+    def rotate(self, x, pos):
+        half = self.hd // 2
+        freq = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float32) / half))
+        angle = pos[:, None].float() * freq[None, :]
+        cos, sin = angle.cos(), angle.sin()
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+    def forward(self, ids):
+        b, t = ids.shape
+        x = self.embed(ids)
+        pos = torch.arange(t, device=ids.device)
+        for i, (qkv, out) in enumerate(zip(self.qkv, self.out)):
+            q, k, v = qkv(x).split([self.heads * self.hd, self.kv_heads * self.hd, self.kv_heads * self.hd], -1)
+            q = self.rotate(q.view(b, t, self.heads, self.hd).transpose(1, 2), pos)
+            k = self.rotate(k.view(b, t, self.kv_heads, self.hd).transpose(1, 2), pos)
+            v = v.view(b, t, self.kv_heads, self.hd).transpose(1, 2)
+            rep = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            if i == 1:
+                keep = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril().triu(-(self.window - 1))
+                y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+            else:
+                y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + out(y.transpose(1, 2).reshape(b, t, -1))
+        return self.head(self.norm(x))
+
+
+def check_rope_lm(seed: int, prompt_len: int, new_tokens: int):
+    torch.manual_seed(0)
+    model = RopeLM().eval()
+    for p in model.parameters():  # weights large enough that a dropped window or position changes the tokens
+        torch.nn.init.normal_(p, std=0.5)
+    ids = _prompt(seed, 2, prompt_len)
+    expected = ids
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    got = ringify(copy.deepcopy(model)).generate(ids, max_new_tokens=new_tokens)
+    assert torch.equal(got, expected), (got, expected)
+    return got
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_hand_written_rotary_model(ranks, seed, world_size):
+    results = ranks(world_size).run(check_rope_lm, seed, 3 * world_size + 4, 6)
+    assert all(torch.equal(r, results[0]) for r in results)
