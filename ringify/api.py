@@ -344,13 +344,14 @@ def dropless_experts(model: torch.nn.Module) -> tuple[str, ...]:
 def complete_report(report: Report, model, captured, new: fx.GraphModule, hardware: str | None = None, *,
                     outputs: str = "full", ffn_chunk_tokens: int | None = None, training: bool | None = None,
                     optimizer: str = "none", mixed_precision: bool = False, dp: int = 1,
-                    checkpoint: str | None = None) -> Report:
+                    checkpoint: str | None = None, new_tokens: int = 128) -> Report:
     """Add the rewritten graph's picture and the cost model for ``hardware`` (a :data:`ringify.cost.HARDWARE`
     name; default ``cpu-gloo``) to ``report``; ``training`` (default: the model's mode) counts backward too.
     ``optimizer`` ("none", "sgd", "adam"), ``mixed_precision`` (fp32 master parameters, gradients and states
     as FSDP2's MixedPrecisionPolicy keeps them) and ``dp`` (FSDP2 ranks sharding them) describe the training
     step to cost; the defaults cost what the model itself holds (see :mod:`ringify.cost`). ``checkpoint``: the
-    ringify option (the model's own checkpointing is always costed; "layers" recomputes every layer)."""
+    ringify option (the model's own checkpointing is always costed; "layers" recomputes every layer).
+    Inference adds what ``rm.generate`` of ``new_tokens`` after a prompt of the report's length costs."""
     from .cost import HARDWARE, cost_summary, profile_model
     from .html import graph_summary
 
@@ -361,7 +362,8 @@ def complete_report(report: Report, model, captured, new: fx.GraphModule, hardwa
                             training=model.training if training is None else training, outputs=outputs, ffn_chunk_tokens=ffn_chunk_tokens,
                             layout=report.layout, optimizer=optimizer, mixed_precision=mixed_precision, dp=dp,
                             checkpoint=checkpoint, module_prefix=getattr(captured, "module_prefix", ""))
-    report.cost = cost_summary(profile, report.seq_len, report.world_size, HARDWARE[hardware or "cpu-gloo"])
+    report.cost = cost_summary(profile, report.seq_len, report.world_size, HARDWARE[hardware or "cpu-gloo"],
+                               new_tokens=new_tokens)
     return report
 
 

@@ -1,4 +1,4 @@
-"""The ``ringify`` command line: demo, convert, report, run.
+"""The ``ringify`` command line: demo, convert, report, run, generate.
 
 Every command prints one clear error line and a hint on failure and exits non-zero; ``--debug``
 (before the command) shows the traceback instead.
@@ -58,6 +58,8 @@ def _hint(err: BaseException) -> str:
         return ""
     if isinstance(err, FileNotFoundError):
         return "check the path"
+    if isinstance(err, ValueError) and "at least one prompt token" in str(err):
+        return "use a longer --prompt-len (or --prompt-file lines) or a smaller --world-size"
     if isinstance(err, ValueError) and "ranks" in str(err) and "tokens" in str(err):
         return "use a longer --seq-len or a smaller --world-size"
     return "run with --debug for the traceback"
@@ -198,7 +200,10 @@ def report(
     html: pathlib.Path = typer.Option(None, "--html", help="Also write a self-contained HTML report here."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
     training: bool = typer.Option(True, "--training/--inference", help="Cost a training step (forward + backward) "
-                                  "or inference (forward only)."),
+                                  "or inference: a forward, and rm.generate (the prefill, the key/value cache sharded "
+                                  "over the devices, decode time per token, the longest prompt per world size)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="With --inference: the new tokens "
+                                       "rm.generate decodes after a --seq-len prompt (the cache holds them too)."),
     outputs: str = typer.Option("full", help="ringify's outputs option to plan for: full (gathered to full length on "
                                 "every rank, the default) or local (each rank keeps its tokens). The report gives "
                                 "the largest context for both."),
@@ -221,6 +226,7 @@ def report(
 
     Runs in one process: the rewrite for WORLD_SIZE ranks is planned, not executed. Memory counts parameters,
     gradients and optimizer states (per --optimizer, --mixed-precision, --dp), activations and the ring's buffers.
+    With --inference: what rm.generate costs per device and the longest prompt that fits per world size.
     """
     from .cost import HARDWARE, OPTIMIZER_STATES
 
@@ -253,7 +259,7 @@ def report(
                                   checkpoint=layers if training else None)
             complete_report(result, source.model, captured, new, hardware, training=training, outputs=outputs,
                             optimizer=optimizer if training else "none", mixed_precision=mixed_precision, dp=dp,
-                            checkpoint=layers)
+                            checkpoint=layers, new_tokens=max_new_tokens)
         if as_json:
             print(result.to_json())
         else:
@@ -412,7 +418,7 @@ def run(
         _print_run(results, train)
 
 
-def _run_under_torchrun(job: tuple):
+def _run_under_torchrun(job: tuple, fn=_run_rank):
     import torch
     import torch.distributed as dist
 
@@ -421,7 +427,7 @@ def _run_under_torchrun(job: tuple):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend)
     try:
-        result = _run_rank(*job)
+        result = fn(*job)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, result)
     finally:
@@ -445,6 +451,306 @@ def _print_run(results: list[dict], train: bool) -> None:
     if failed:
         errors.print("[red]error:[/] the ring's loss differs from the untouched model's by more than 1e-5")
         raise typer.Exit(1)
+
+
+# -------------------------------------------------------------------------------------------- generate
+
+
+def _generate_rank(model: str, prompts: list[list[int]] | None, prompt_len: int, batch: int, new_tokens: int,
+                   sampling: tuple, check: bool, seed: int, layout: str, trust_remote_code: bool) -> dict:
+    """One rank of `ringify generate`: build MODEL (seeded: the same weights everywhere), the same prompt
+    everywhere, ``rm.generate`` once to capture, once timed; rank 0 also runs the untouched model."""
+    import copy
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from .api import ringify
+
+    rank = dist.get_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with _rank_progress(rank == 0) as progress:
+        progress.phase(f"loading {model}")
+        net, name, ids, mask, pad = _generation_inputs(model, prompts, prompt_len, batch, seed, trust_remote_code,
+                                                       device)
+        reference = copy.deepcopy(net) if check and rank == 0 else None  # the untouched model, before ringify
+        rm = ringify(net, None, layout=layout)
+        do_sample, temperature, top_k, top_p = sampling
+        options = dict(attention_mask=mask, pad_token_id=pad, do_sample=do_sample, temperature=temperature,
+                       top_k=top_k, top_p=top_p)
+        progress.phase("capturing the model and warming up")
+        start = time.perf_counter()
+        rm.generate(ids, 1, generator=torch.Generator(device=device).manual_seed(seed), **options)
+        sync()
+        capture_s = time.perf_counter() - start
+        progress.reset(new_tokens)
+        stamps: list[float] = []
+
+        def on_token(done: int, total: int) -> None:
+            sync()
+            stamps.append(time.perf_counter())
+            progress.advance(done, total)
+
+        start = time.perf_counter()
+        tokens = rm.generate(ids, new_tokens, generator=torch.Generator(device=device).manual_seed(seed),
+                             on_token=on_token, **options)
+        sync()
+        total_s = time.perf_counter() - start
+        result = {"rank": rank, "world_size": dist.get_world_size(), "model": name, "tokens": tokens.cpu(),
+                  "batch": ids.shape[0], "prompt_len": ids.shape[1], "padded": not bool(mask.all()), "pad": pad,
+                  "layout": layout, "seed": seed, "steps": len(stamps), "capture_s": capture_s,
+                  "prefill_s": stamps[0] - start if stamps else total_s,
+                  "decode_s": stamps[-1] - stamps[0] if stamps else 0.0, "total_s": total_s,
+                  "cache_bytes": rm.cache_bytes, "device": str(device), "reference": None}
+        if reference is not None:
+            from .verify import reference_generate
+
+            progress.phase("the untouched model, for the check")
+            expected, how = reference_generate(reference, ids, new_tokens, mask, pad)
+            result["reference"], result["reference_kind"] = expected.cpu(), how
+    return result
+
+
+def _generation_inputs(model: str, prompts, prompt_len: int, batch: int, seed: int, trust_remote_code: bool, device):
+    """The model (seeded, eval, on ``device``), its name, the prompt ``[B, S]``, its mask and the pad id."""
+    import torch
+
+    from .sources import resolve
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bar per rank (read at import)
+    torch.manual_seed(seed)  # a factory that draws its weights unseeded still draws the same ones on every rank
+    source = resolve(model, seq_len=max(prompt_len, 2), seed=seed, trust_remote_code=trust_remote_code)
+    net = source.model
+    with contextlib.suppress(Exception):  # exported programs refuse .eval(); everything else generates in eval mode
+        net.eval()
+    net.to(device)
+    vocab = getattr(getattr(net, "config", None), "vocab_size", None) or getattr(net, "vocab", None)
+    if vocab is None:  # a .pt2 program or a factory's example inputs: the range of their token ids
+        vocab = next((e["high"] for e in source.inputs if e.get("sequence") and "high" in e), None)
+    pad = _pad_token(net)
+    if prompts:
+        length = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+        if vocab is not None and int(ids.max()) >= vocab:
+            raise ValueError(f"--prompt-file holds token id {int(ids.max())}, outside {source.name}'s vocabulary of "
+                             f"{vocab}")
+    else:
+        if vocab is None:
+            raise ValueError(f"{source.name} has neither config.vocab_size nor .vocab nor example token ids, so no "
+                             "random prompt can be drawn; pass --prompt-file with token ids")
+        ids = torch.randint(0, int(vocab), (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+        mask = torch.ones_like(ids)
+    return net, source.name, ids.to(device), mask.to(device), pad
+
+
+def _pad_token(model) -> int:
+    """The id that left-pads --prompt-file lines: generation_config's pad_token_id, else its (first) eos, else 0."""
+    config = getattr(model, "generation_config", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(config, "eos_token_id", None)
+        pad = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    return 0 if pad is None else int(pad)
+
+
+class _NoProgress:
+    def phase(self, text: str) -> None:
+        pass
+
+    def reset(self, total: int) -> None:
+        pass
+
+    def advance(self, done: int, total: int) -> None:
+        pass
+
+
+class _TokenProgress(_NoProgress):
+    """A transient rich bar on this process's terminal: capturing (a pulse), then one step per new token."""
+
+    def __init__(self, bar):
+        self.bar = bar
+        self.task = bar.add_task("starting", total=None)
+
+    def phase(self, text: str) -> None:
+        self.bar.reset(self.task, total=None, description=text)
+
+    def reset(self, total: int) -> None:
+        self.bar.reset(self.task, total=total, description="prefill, then decoding")
+
+    def advance(self, done: int, total: int) -> None:
+        self.bar.update(self.task, completed=done, total=total, description="decoding")
+
+
+@contextlib.contextmanager
+def _rank_progress(show: bool):
+    """Rank 0's progress on the terminal the ranks share; nothing when stdout is not a terminal (CI logs, pipes)."""
+    out = Console() if show else None
+    if out is None or not out.is_terminal:
+        yield _NoProgress()
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=out, transient=True) as bar:
+        yield _TokenProgress(bar)
+
+
+def _read_prompts(path: pathlib.Path) -> list[list[int]]:
+    """One prompt per non-empty line: integer token ids separated by whitespace or commas."""
+    import re
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        words = [w for w in re.split(r"[\s,]+", line.strip()) if w]
+        if not words:
+            continue
+        bad = next((w for w in words if not w.isdigit()), None)
+        if bad is not None:
+            raise ValueError(f"{path} line {number}: {bad!r} is not a token id (non-negative integers separated by "
+                             "spaces or commas, one prompt per line)")
+        prompts.append([int(w) for w in words])
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt (one line of token ids per prompt)")
+    return prompts
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    prompt_len: int = typer.Option(64, "--prompt-len", "-p", min=1, help="Tokens of the random prompt (at least the "
+                                   "world size: every rank holds a piece of it)."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", "-n", min=1, help="Tokens to generate (fewer if every "
+                                       "row reaches the model's eos token)."),
+    world_size: int = typer.Option(2, "--world-size", "-w", min=1, help="CPU processes to spawn when not started by "
+                                   "torchrun (under torchrun its ranks are used)."),
+    prompt_file: pathlib.Path = typer.Option(None, "--prompt-file", help="A text file of token ids instead of a random "
+                                             "prompt: one prompt per line, integers separated by spaces or commas. "
+                                             "Shorter lines are left-padded (with an attention mask) with the model's "
+                                             "generation_config.pad_token_id, else its eos_token_id, else 0. "
+                                             "--prompt-len and --batch are then ignored."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Compare the tokens with the untouched model's greedy "
+                               "tokens (HF generate where the model has it, else a loop re-running the whole "
+                               "sequence), exactly. Not with --do-sample."),
+    seed: int = typer.Option(0, help="Seed of the random prompt, the model's weights where a factory draws them, and "
+                             "sampling (the same on every rank)."),
+    batch: int = typer.Option(1, "--batch", "-b", min=1, help="Rows of random prompts."),
+    do_sample: bool = typer.Option(False, "--do-sample/--greedy", help="Sample with HF's temperature, top-k and top-p "
+                                   "warpers (rank 0 draws, every rank gets its tokens) instead of greedy decoding. "
+                                   "Sampled tokens are not compared with the untouched model (its draws differ); "
+                                   "only checked to be the same on every rank."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (> 0; with --do-sample)."),
+    top_k: int = typer.Option(None, "--top-k", min=0, help="Keep the k most likely tokens (with --do-sample)."),
+    top_p: float = typer.Option(None, "--top-p", help="Keep the smallest set of tokens with this much probability, in "
+                                "(0, 1] (with --do-sample)."),
+    layout: str = typer.Option("zigzag", help="How the prompt's tokens are dealt to ranks: zigzag, contiguous or "
+                               "striped."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow pickles / custom model code."),
+) -> None:
+    """Generate tokens with MODEL on a ring: the prompt's ring forward fills a KV cache sharded over the ranks,
+    then each new token is decoded over every rank's shard.
+
+    Runs on WORLD_SIZE spawned CPU processes (gloo), or under `torchrun` (gloo on CPU, nccl on GPUs). The prompt
+    is random (--seed) unless --prompt-file. Prints, per rank, the KV cache memory, the time to the first token
+    (prefill) and the decode tokens/s (after one untimed call that captures the model); then the new tokens of
+    each row, and whether they equal the untouched model's. Exit code 1 if they differ, from the untouched
+    model or between ranks. Example: `ringify generate ./tiny-llama -p 512 -n 32 -w 4`.
+    """
+    from .runtime import LAYOUTS
+
+    if layout not in LAYOUTS:
+        raise typer.BadParameter(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if do_sample and temperature <= 0:
+        raise typer.BadParameter(f"--temperature must be > 0 when sampling, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise typer.BadParameter(f"--top-p must be in (0, 1], got {top_p}")
+    with _friendly_errors():
+        prompts = _read_prompts(prompt_file) if prompt_file is not None else None
+        torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        world = int(os.environ["WORLD_SIZE"]) if torchrun else world_size
+        length = max(map(len, prompts)) if prompts else prompt_len
+        if length < max(world, 2):
+            what = f"the --prompt-file prompts ({length} tokens) are" if prompts else f"--prompt-len {prompt_len} is"
+            raise ValueError(f"{what} shorter than {max(world, 2)} tokens, the least a prompt on {world} "
+                             f"rank{'s' if world > 1 else ''} can have: every rank holds at least one prompt token "
+                             "(and a prompt has at least 2)")
+        job = (model, prompts, prompt_len, batch, max_new_tokens, (do_sample, temperature, top_k, top_p),
+               check and not do_sample, seed, layout, trust_remote_code)
+        if torchrun:
+            results = _run_under_torchrun(job, _generate_rank)
+            if results is None:
+                return
+        else:
+            from .launch import LocalRanks
+
+            console.print(f"[dim]generating {max_new_tokens} tokens with {model} on {world_size} CPU processes[/]",
+                          highlight=False)
+            with LocalRanks(world_size) as ranks:
+                results = ranks.run(_generate_rank, *job, timeout=3600)
+        _print_generate(results, do_sample)
+
+
+def _print_generate(results: list[dict], sampled: bool) -> None:
+    import torch
+
+    first = results[0]
+    world, rows, prompt = first["world_size"], first["batch"], first["prompt_len"]
+    tokens, reference = first["tokens"], first["reference"]
+    new = tokens.shape[1] - prompt
+    ranks = f"{world} rank{'s' if world != 1 else ''}"
+    padded = f", left-padded with {first['pad']}" if first["padded"] else ""
+    table = Table(title=f"{first['model']}: {rows} x {prompt}-token prompt{padded}, {new} new tokens "
+                        f"({'sampled' if sampled else 'greedy'}), {ranks} ({first['device']}), layout "
+                        f"{first['layout']}, seed {first['seed']}",
+                  caption="capture: an untimed first call; prefill: to the first token; decode: the other tokens; "
+                          "tok/s counts every row")
+    for column in ("rank", "KV cache", "capture s", "prefill s", "decode tok/s", "tok/s", "tokens"):
+        table.add_column(column)
+    differ = [r["rank"] for r in results if not torch.equal(r["tokens"], tokens)]
+    wrong = reference is not None and not torch.equal(tokens, reference)
+    for r in results:
+        decode = f"{rows * (r['steps'] - 1) / r['decode_s']:,.1f}" if r["steps"] > 1 and r["decode_s"] > 0 else "-"
+        if reference is not None:
+            verdict = "[green]match[/]" if torch.equal(r["tokens"], reference) else "[red]DIFFER[/]"
+        else:
+            verdict = "[red]\u2260 rank 0[/]" if r["rank"] in differ else "= rank 0"
+        table.add_row(str(r["rank"]), _kv_size(r["cache_bytes"]), f"{r['capture_s']:.2f}", f"{r['prefill_s']:.3f}",
+                      decode, f"{rows * r['steps'] / r['total_s']:,.1f}", verdict)
+    console.print(table)
+    for row in range(rows):
+        console.print(f"row {row} new tokens: " + " ".join(map(str, tokens[row, prompt:].tolist())), highlight=False)
+    if differ:
+        errors.print(f"[red]error:[/] rank(s) {', '.join(map(str, differ))} returned other tokens than rank 0",
+                     highlight=False)
+        raise typer.Exit(1)
+    if wrong:
+        errors.print(f"[red]error:[/] the ring's tokens differ from the untouched model's "
+                     f"({first['reference_kind']}): {_first_difference(tokens, reference, prompt)}", highlight=False)
+        raise typer.Exit(1)
+    if reference is not None:
+        console.print(f"[green]match:[/] the tokens of all {ranks} equal the untouched model's "
+                      f"({first['reference_kind']}).", highlight=False)
+    elif sampled:
+        console.print(f"sampled: the {ranks} returned the same tokens (not compared with the untouched model: "
+                      "its draws differ).", highlight=False)
+    else:
+        console.print(f"not checked against the untouched model (--no-check); the {ranks} returned the same "
+                      "tokens.", highlight=False)
+
+
+def _kv_size(n: int) -> str:
+    return _mib(n) if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
+
+
+def _first_difference(got, expected, prompt: int) -> str:
+    if got.shape != expected.shape:
+        return f"{got.shape[1] - prompt} new tokens instead of {expected.shape[1] - prompt}"
+    row, col = (got != expected).nonzero()[0].tolist()
+    return f"row {row}, new token {col - prompt}: {got[row, col].item()} instead of {expected[row, col].item()}"
 
 
 if __name__ == "__main__":  # python -m ringify.cli (what torchrun runs)

@@ -118,6 +118,35 @@ multi-head attention in 16-bit (``H_kv = H``, ``b = 2``, ``f = 1``) the forward 
 paper's ``c >= flops / bandwidth``. In training, ``ring_step`` reports one forward step plus one
 backward step of one attention layer (``bytes_sent``, ``compute_seconds``, ``transfer_seconds`` are
 their sums); ``transfer_hidden`` needs both phases hidden.
+
+How generation is modelled
+--------------------------
+``rm.generate`` (``ringify/generate.py``) runs the prompt's ring forward as the *prefill*, which stores each
+attention layer's local keys and values into a cache sharded over the ranks and computes nothing after them
+(no final norm, no head, no logits), then decodes each new token at one position on every rank, each layer
+attending to its cache shard and merging the partial results with one all-gather. Per rank
+(:func:`generation_estimate`; :func:`max_prompt` is the longest prompt that fits):
+
+- ``parameters``: all of them and the buffers, on every rank (generation runs on whole parameters);
+- ``kv_cache``: ``layers * 2 * B * H_kv * D * b`` bytes per slot, for ``ceil(S/W) + ceil((N-1)/W) + 1``
+  slots (:func:`cache_slots`: the largest prompt shard, a share of the N new tokens, each joining the rank
+  that holds the fewest, and the slot of the token being decoded; what ``kv_cache.ShardedKVCache`` allocates,
+  for every layer at once, when the prefill stores it). Layers, H_kv, D and b are those of the captured
+  attention nodes, so hand-written models are costed like HF ones;
+- ``prefill_activations``: the peak of a fake-tensor run of the graph cut after the keys of the last
+  attention, as the prefill graph is (``passes/inference.py``; it returns those keys, so they count), at
+  ``ceil(S/W)`` tokens, no gradients; with the ring's forward ``kv_buffers`` and ``attention_workspace``
+  added at the attention moments, as for a forward. The cache is counted whole on top (an upper bound: the
+  last layer's buffers are allocated at its own store).
+
+Time: the prefill's FLOPs are ``2 B S P_blocks`` (the parameters of the model's layer blocks: no head)
+plus ``F`` per ring step of every layer (see above; causal halves it), divided over the W ranks; each of
+the W steps of a layer takes the longer of its compute and its transfer (the overlap condition decides).
+One decoded token reads every weight once (embedding tables, of which it reads one row, excepted) and this
+rank's cache from ``memory_bandwidth`` (or is compute-bound at ``2 B P`` FLOPs, whichever is longer:
+a roofline), and waits for one all-gather of the fp32 partial output and log-sum-exp (``B H (D + 1) 4``
+bytes) per layer: ``W - 1`` ring steps of ``latency`` plus the bytes over the link. Kernel launch and
+Python overheads are not modelled (they dominate small models on CPUs).
 """
 
 from __future__ import annotations
@@ -129,8 +158,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import fx
 
-__all__ = ["HARDWARE", "Hardware", "ModelProfile", "cost_summary", "estimate", "max_context", "min_block_tokens",
-           "profile_model"]
+__all__ = ["HARDWARE", "Hardware", "ModelProfile", "cache_slots", "cost_summary", "estimate", "generation_estimate",
+           "generation_summary", "max_context", "max_prompt", "min_block_tokens", "profile_model"]
 
 GB = 1e9
 GIB = 2**30
@@ -150,6 +179,8 @@ class Hardware:
     memory: float     # device memory, bytes
     kernel: str = "triton"  # block kernels: "triton" (tiles on chip), "fused" (torch's fused CPU kernel per piece:
                             # temporaries of the piece's rows) or "torch" (fp32 score tiles in memory)
+    memory_bandwidth: float = 2e12  # device memory bytes/s that a decoded token's weight and cache reads get
+    latency: float = 1e-5           # seconds per ring step of a small collective (decoding's all-gather per layer)
 
 
 # Where the numbers come from:
@@ -165,16 +196,26 @@ class Hardware:
 # - cpu-gloo: the test machine, one torch thread per rank, fp32: the torch block kernels ran at
 #   6-14 GFLOP/s and gloo over loopback moved 0.2-1 GB/s per rank (benchmarks/results/ring_overlap_cpu.json);
 #   memory: an illustrative 8 GiB per rank.
+# Decoding (memory_bandwidth, latency): HBM3 3.35 TB/s on H100 SXM, HBM3e 4.8 TB/s on H200, HBM2e 2.04 TB/s on
+#   A100 80GB; about 90% of that is used (what bandwidth-bound kernels reach). A small all-gather costs some
+#   3 us per ring step inside an NVLink node and 8 us over InfiniBand (NCCL's latency-bound regime). cpu-gloo:
+#   one thread streamed a 4096 x 4096 fp32 matrix-vector product at 23 GB/s on the test machine, and a gloo
+#   all-gather of a few KiB took 0.26 ms on 2 ranks (more ranks than its 2 cores made it 2.4-3.9 ms).
 HARDWARE: dict[str, Hardware] = {
     hw.name: hw
     for hw in (
-        Hardware("h100-nvlink", "H100 SXM 80GB, ring over NVLink 4 (one node)", 350e12, 450 * GB, 80 * GB),
-        Hardware("h100-ib", "H100 SXM 80GB, ring over InfiniBand NDR 400 Gb/s per GPU", 350e12, 50 * GB, 80 * GB),
-        Hardware("h200-nvlink", "H200 SXM 141GB, ring over NVLink 4 (one node)", 350e12, 450 * GB, 141 * GB),
-        Hardware("a100-nvlink", "A100 SXM 80GB, ring over NVLink 3 (one node)", 200e12, 300 * GB, 80 * GB),
-        Hardware("a100-ib", "A100 SXM 80GB, ring over InfiniBand HDR 200 Gb/s per GPU", 200e12, 25 * GB, 80 * GB),
+        Hardware("h100-nvlink", "H100 SXM 80GB, ring over NVLink 4 (one node)", 350e12, 450 * GB, 80 * GB,
+                 memory_bandwidth=3.0e12, latency=3e-6),
+        Hardware("h100-ib", "H100 SXM 80GB, ring over InfiniBand NDR 400 Gb/s per GPU", 350e12, 50 * GB, 80 * GB,
+                 memory_bandwidth=3.0e12, latency=8e-6),
+        Hardware("h200-nvlink", "H200 SXM 141GB, ring over NVLink 4 (one node)", 350e12, 450 * GB, 141 * GB,
+                 memory_bandwidth=4.3e12, latency=3e-6),
+        Hardware("a100-nvlink", "A100 SXM 80GB, ring over NVLink 3 (one node)", 200e12, 300 * GB, 80 * GB,
+                 memory_bandwidth=1.8e12, latency=3e-6),
+        Hardware("a100-ib", "A100 SXM 80GB, ring over InfiniBand HDR 200 Gb/s per GPU", 200e12, 25 * GB, 80 * GB,
+                 memory_bandwidth=1.8e12, latency=8e-6),
         Hardware("cpu-gloo", "CPU processes, gloo over loopback, one thread per rank (tests, demo)", 10e9, 0.5 * GB,
-                 8 * GIB, kernel="fused"),
+                 8 * GIB, kernel="fused", memory_bandwidth=23e9, latency=2.6e-4),
     )
 }
 
@@ -202,6 +243,7 @@ class ModelProfile:
     parameters: int = 0                  # count (tied weights once)
     parameter_bytes: int = 0             # in the dtype the graph computes in (the fake runs' parameters)
     buffer_bytes: int = 0                # persistent buffers (a causal-mask table, rotary frequencies)
+    lookup_bytes: int = 0                # embedding tables no other module uses (a decoded token reads one row)
     gradient_bytes: int = 0              # parameters that require grad (0 without training)
     trainable_parameters: int = 0        # count of the parameters that require grad
     layer_parameters: int = 0            # the largest block of the largest nn.ModuleList (one FSDP2 unit)
@@ -240,6 +282,9 @@ class ModelProfile:
     activation_peak_lines: list = field(default_factory=list)
     attention_backward_activation_lines: list = field(default_factory=list)
     output_bytes_per_token: float = 0.0      # the graph's outputs that have a token dim (logits)
+    # inference only: the fake run of the prefill graph (cut after the last attention's keys, no gradients)
+    prefill_peak_lines: list = field(default_factory=list)
+    prefill_attention_lines: list = field(default_factory=list)  # alive when each of its attention forwards starts
     sim_batch: int = 1
     fit_lengths: list = field(default_factory=list)
     # torch block kernels' scratch, measured: how many fp32 [B, H, T, T] score tiles and [B, H, T, D] row
@@ -278,7 +323,7 @@ def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols:
         model=type(model).__name__, batch=int(batch), training=bool(training), layout=layout, outputs=outputs,
         parameters=sum(p.numel() for p in params),
         parameter_bytes=sum(p.numel() * p.element_size() for p in params),
-        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()), lookup_bytes=_lookup_bytes(model),
         gradient_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad) if training else 0,
         trainable_parameters=sum(p.numel() for p in params if p.requires_grad),
         layer_parameters=layer, root_parameters=root, compute_dtype=_main_dtype(params),
@@ -325,7 +370,23 @@ def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols:
             profile.mask_static = _masks_static(gm, symbols)
         except Exception as err:  # noqa: BLE001
             profile.notes.append(f"block mask evaluation not measured ({type(err).__name__})")
+        if not profile.training:
+            try:
+                _fit_prefill(gm, symbols, profile)
+            except Exception as err:  # noqa: BLE001 - the forward's attention moments stand in
+                profile.notes.append(f"prefill not simulated ({type(err).__name__}); forward moments used")
     return profile
+
+
+def _lookup_bytes(model: torch.nn.Module) -> int:
+    """Bytes of embedding tables that only a lookup reads (decoding reads one row of them, not the table); a
+    table tied to another module (an LM head) is read whole and is not counted here."""
+    users: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            users[id(p)] = users.get(id(p), 0) + 1
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+               if isinstance(m, torch.nn.Embedding) and users.get(id(m.weight)) == 1)
 
 
 OPTIMIZER_STATES = {"none": 0, "sgd": 1, "adam": 2}  # states per parameter: SGD's momentum; Adam's two moments
@@ -561,21 +622,130 @@ def estimate(profile: ModelProfile, seq_len: int, world_size: int, hardware: Har
 def max_context(profile: ModelProfile, world_size: int, hardware: Hardware) -> int:
     """The largest global sequence whose per-device total fits in ``hardware.memory`` (0: not even W tokens)."""
     world_size = int(world_size)
+    return _largest(lambda s: _memory(profile, s, world_size, hardware)["total"] <= hardware.memory, world_size)
 
-    def fits(s: int) -> bool:
-        return _memory(profile, s, world_size, hardware)["total"] <= hardware.memory
 
-    if not fits(world_size):
+def _largest(fits, lo: int) -> int:
+    """The largest ``s >= lo`` with ``fits(s)`` (0 if not even ``lo``), for memory that grows with ``s``."""
+    if not fits(lo):
         return 0
-    lo, hi = world_size, 2 * world_size
+    hi = 2 * lo
     while fits(hi):
         lo, hi = hi, hi * 2
         if hi > 1 << 60:
             return lo
-    while hi - lo > 1:  # fits(lo), not fits(hi); memory grows with the sequence
+    while hi - lo > 1:  # fits(lo), not fits(hi)
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def cache_slots(prompt: int, new_tokens: int, world_size: int) -> int:
+    """Key/value slots per rank that ``rm.generate`` allocates: ``ringify.generate.capacity_per_rank`` without
+    building the layout's positions (its largest prompt shard is ``ceil(S/W)`` in every layout; the tests check
+    that the two agree), so that searching for the longest prompt stays cheap."""
+    return _shard_tokens(prompt, world_size) + -(-max(int(new_tokens) - 1, 0) // int(world_size)) + 1
+
+
+def _kv_bytes_per_slot(profile: ModelProfile) -> int:
+    """Bytes of one cache slot on a rank: the keys and values of every attention layer, in their dtype."""
+    return profile.layers * 2 * profile.batch * profile.kv_heads * profile.head_dim * profile.dtype_bytes
+
+
+def _generation_memory(profile: ModelProfile, prompt: int, new_tokens: int, world_size: int,
+                       hardware: Hardware) -> dict:
+    """Per-rank bytes of ``rm.generate`` at its peak, the prefill (see "How generation is modelled")."""
+    local = _shard_tokens(prompt, world_size)
+    scale = profile.batch / max(1, profile.sim_batch)
+    ring = _ring_terms(profile, local, world_size, hardware)
+    kv, workspace = ring["kv_forward"], ring["workspace_forward"]
+    at_attention = _lines(profile.prefill_attention_lines or profile.attention_forward_lines, local, scale)
+    peak = max(_lines(profile.prefill_peak_lines, local, scale), at_attention + kv + workspace)
+    parts = {"parameters": profile.parameter_bytes + profile.buffer_bytes,
+             "kv_cache": _kv_bytes_per_slot(profile) * cache_slots(prompt, new_tokens, world_size),
+             "prefill_activations": max(0, peak - kv - workspace), "kv_buffers": kv, "attention_workspace": workspace}
+    out = {k: int(v) for k, v in parts.items()}
+    out["total"] = sum(out.values())
+    out["fits"] = bool(out["total"] <= hardware.memory)
+    return out
+
+
+def _block_parameters(profile: ModelProfile) -> int:
+    """Parameters of the model's layer blocks (its largest ``nn.ModuleList``): what the prefill multiplies every
+    token by (it never runs the head; an embedding is a lookup). All of them for a model without such a list."""
+    blocks = profile.parameters - profile.root_parameters
+    return blocks if blocks > 0 else profile.parameters
+
+
+def _prefill_time(profile: ModelProfile, prompt: int, world_size: int, hardware: Hardware) -> dict:
+    """Seconds of the prefill on the rank with the largest shard: its token-local FLOPs, then per layer W ring
+    steps that each take the longer of their attention compute and their key/value transfer."""
+    local = _shard_tokens(prompt, world_size)
+    forward = replace(profile, training=False)
+    sent, compute, transfer, hidden = _step(forward, local, hardware, ring=world_size > 1)
+    linear = 2.0 * profile.batch * local * _block_parameters(profile)
+    steps = profile.layers * world_size
+    return {"seconds": linear / hardware.flops + steps * max(compute, transfer),
+            "flops_per_device": linear + steps * compute * hardware.flops,
+            "ring_step": {"block_tokens": local, "bytes_sent": sent, "compute_seconds": compute,
+                          "transfer_seconds": transfer, "min_block_tokens": min_block_tokens(forward, hardware),
+                          "transfer_hidden": hidden}}
+
+
+def _decode_time(profile: ModelProfile, prompt: int, new_tokens: int, world_size: int, hardware: Hardware) -> dict:
+    """Seconds per decoded token half-way through the decode: reading the weights and this rank's cache (or
+    their FLOPs, whichever takes longer), then one small all-gather per layer."""
+    per_parameter = profile.parameter_bytes / profile.parameters if profile.parameters else profile.dtype_bytes
+    weights = max(0, profile.parameter_bytes - profile.lookup_bytes)
+    held = _shard_tokens(prompt + new_tokens // 2, world_size)
+    cache = _kv_bytes_per_slot(profile) * held
+    flops = 2.0 * profile.batch * weights / per_parameter + (
+        4.0 * profile.batch * profile.heads * held * profile.head_dim * profile.layers)
+    memory_s, compute_s = (weights + cache) / hardware.memory_bandwidth, flops / hardware.flops
+    message = profile.batch * profile.heads * (profile.head_dim + 1) * _FP32  # fp32 partial output and lse
+    gather_s = profile.layers * (world_size - 1) * (hardware.latency + message / hardware.bandwidth)
+    seconds = max(memory_s, compute_s) + gather_s
+    return {"seconds_per_token": seconds, "tokens_per_second": 1.0 / seconds if seconds else 0.0,
+            "weight_bytes": int(weights), "cache_bytes_read": int(cache), "memory_seconds": memory_s,
+            "compute_seconds": compute_s, "all_gather_seconds": gather_s,
+            "bound": "memory" if memory_s >= compute_s else "compute"}
+
+
+def generation_estimate(profile: ModelProfile, prompt: int, new_tokens: int, world_size: int,
+                        hardware: Hardware) -> dict:
+    """``rm.generate`` of ``new_tokens`` after a ``prompt`` on ``world_size`` devices, per device.
+
+    ``per_device`` (bytes, at the prefill's peak): ``parameters`` (whole, and buffers), ``kv_cache`` (this
+    rank's shard, allocated for the prompt and the new tokens: :func:`cache_slots`), ``prefill_activations``,
+    ``kv_buffers`` and ``attention_workspace`` (the ring's, in forward); ``total`` and ``fits``. ``prefill``:
+    seconds, FLOPs per device, and one ring step with its overlap condition; ``decode``: seconds per token and
+    their parts. See "How generation is modelled" in the module docstring."""
+    prompt, new_tokens, world_size = int(prompt), int(new_tokens), int(world_size)
+    if world_size < 1 or prompt < max(world_size, 2) or new_tokens < 1:
+        raise ValueError(f"need prompt >= max(world_size, 2) and new_tokens >= 1, got {prompt}, {new_tokens} on "
+                         f"{world_size}")
+    return {"prompt": prompt, "new_tokens": new_tokens, "world_size": world_size, "hardware": asdict(hardware),
+            "per_device": _generation_memory(profile, prompt, new_tokens, world_size, hardware),
+            "prefill": _prefill_time(profile, prompt, world_size, hardware),
+            "decode": _decode_time(profile, prompt, new_tokens, world_size, hardware)}
+
+
+def max_prompt(profile: ModelProfile, world_size: int, hardware: Hardware, new_tokens: int = 1) -> int:
+    """The longest prompt whose generation of ``new_tokens`` fits in ``hardware.memory`` per device (0: none)."""
+    world_size = int(world_size)
+    return _largest(lambda s: _generation_memory(profile, s, new_tokens, world_size, hardware)["total"]
+                    <= hardware.memory, max(world_size, 2))
+
+
+def generation_summary(profile: ModelProfile, prompt: int, new_tokens: int, world_size: int, hardware: Hardware,
+                       world_sizes=(1, 2, 4, 8, 16, 32)) -> dict:
+    """:func:`generation_estimate` at (prompt, world size) and the longest prompt per world size."""
+    return {"new_tokens": int(new_tokens),
+            "estimate": generation_estimate(profile, max(prompt, world_size, 2), new_tokens, world_size, hardware),
+            "max_prompt": {str(w): max_prompt(profile, w, hardware, new_tokens) for w in world_sizes}}
 
 
 def _log_grid(lo: int, hi: int, points: int) -> list[int]:
@@ -585,14 +755,16 @@ def _log_grid(lo: int, hi: int, points: int) -> list[int]:
 
 
 def cost_summary(profile: ModelProfile, seq_len: int, world_size: int, hardware: Hardware,
-                 world_sizes=(1, 2, 4, 8, 16, 32)) -> dict:
+                 world_sizes=(1, 2, 4, 8, 16, 32), new_tokens: int = 128) -> dict:
     """:func:`estimate` at (seq_len, world_size), the largest context per world size, the memory per
     device against the context (log grid up to about twice the largest context), the ring step against
     the block size (log grid), and the profile.
 
     ``max_context`` is for the profile's ``outputs`` (``outputs``: the one in force);
     ``max_context_by_outputs`` has it for both ``"full"`` (outputs gathered to full length on every rank,
-    ringify's default: O(S x vocab) per rank for logits) and ``"local"`` (each rank keeps its tokens)."""
+    ringify's default: O(S x vocab) per rank for logits) and ``"local"`` (each rank keeps its tokens).
+    An inference profile adds ``generation`` (:func:`generation_summary`: ``rm.generate`` of ``new_tokens``
+    after a ``seq_len`` prompt)."""
     by_outputs = {o: {str(w): max_context(replace(profile, outputs=o), w, hardware) for w in world_sizes}
                   for o in ("full", "local")}
     limits = by_outputs[profile.outputs]
@@ -604,9 +776,12 @@ def cost_summary(profile: ModelProfile, seq_len: int, world_size: int, hardware:
     need = min_block_tokens(profile, hardware)
     blocks = [2**i for i in range(4, max(18, math.ceil(math.log2(max(need, 1) * 4)) + 1))]
     step_curve = [[c, *_step(profile, c, hardware)[1:3]] for c in blocks]
-    return {"estimate": estimate(profile, seq_len, world_size, hardware), "max_context": limits,
-            "outputs": profile.outputs, "max_context_by_outputs": by_outputs,
-            "memory_curve": curves, "step_curve": step_curve, "profile": asdict(profile)}
+    summary = {"estimate": estimate(profile, seq_len, world_size, hardware), "max_context": limits,
+               "outputs": profile.outputs, "max_context_by_outputs": by_outputs,
+               "memory_curve": curves, "step_curve": step_curve, "profile": asdict(profile)}
+    if not profile.training:
+        summary["generation"] = generation_summary(profile, seq_len, new_tokens, world_size, hardware, world_sizes)
+    return summary
 
 
 # ---------------------------------------------------------------------------- profile: the fake-tensor run
@@ -1097,30 +1272,61 @@ def _fit_profile(gm: fx.GraphModule, symbols: set, profile: ModelProfile, length
         except Exception:  # noqa: BLE001 - two lengths are enough
             pass
     ns = sorted(runs)
-
-    def chord(a: int, b: int, ya: float, yb: float) -> list[float]:
-        per_token = max(0.0, (yb - ya) / (b - a))
-        return [float(yb - per_token * b), per_token]
-
-    def events(key: str) -> list[list[float]]:  # the same attention call at the two longest lengths
-        (a, b), (ra, rb) = ns[-2:], (runs[ns[-2]][key], runs[ns[-1]][key])
-        return [chord(a, b, ya, yb) for ya, yb in zip(ra, rb)] if len(ra) == len(rb) else [
-            chord(a, b, max(ra, default=0), max(rb, default=0))]
-
     profile.method, profile.fit_lengths, profile.sim_batch = "fake-trace", ns, _batch_of(gm)
-    last = chord(ns[-2], ns[-1], runs[ns[-2]]["after_forward"], runs[ns[-1]]["after_forward"])
+    last = _chord(ns[-2], ns[-1], runs[ns[-2]]["after_forward"], runs[ns[-1]]["after_forward"])
     profile.activation_bytes_fixed, profile.activation_bytes_per_token = max(0.0, last[0]), last[1]
-    profile.step_peak_lines = [chord(a, b, runs[a]["peak"], runs[b]["peak"]) for a, b in zip(ns, ns[1:])]
-    profile.activation_peak_lines = [chord(a, b, runs[a]["activation_peak"], runs[b]["activation_peak"])
+    profile.step_peak_lines = [_chord(a, b, runs[a]["peak"], runs[b]["peak"]) for a, b in zip(ns, ns[1:])]
+    profile.activation_peak_lines = [_chord(a, b, runs[a]["activation_peak"], runs[b]["activation_peak"])
                                      for a, b in zip(ns, ns[1:])]
     # the moment of the activations' peak with the gradients made by then: once the sequence is long, the step's
     # peak is there (the start of backward), though at the fitted lengths it may still be at the end of backward
-    profile.step_peak_lines += [chord(a, b, runs[a]["activation_moment"], runs[b]["activation_moment"])
+    profile.step_peak_lines += [_chord(a, b, runs[a]["activation_moment"], runs[b]["activation_moment"])
                                 for a, b in zip(ns, ns[1:])]
-    profile.attention_forward_lines = events("attention_forward")
-    profile.attention_backward_lines = events("attention_backward")
-    profile.attention_backward_activation_lines = events("attention_backward_activations")
-    profile.output_bytes_per_token = chord(ns[-2], ns[-1], runs[ns[-2]]["outputs"], runs[ns[-1]]["outputs"])[1]
+    profile.attention_forward_lines = _events(runs, "attention_forward")
+    profile.attention_backward_lines = _events(runs, "attention_backward")
+    profile.attention_backward_activation_lines = _events(runs, "attention_backward_activations")
+    profile.output_bytes_per_token = _chord(ns[-2], ns[-1], runs[ns[-2]]["outputs"], runs[ns[-1]]["outputs"])[1]
+
+
+def _chord(a: int, b: int, ya: float, yb: float) -> list[float]:
+    """The line ``[fixed, per_token]`` through (a, ya) and (b, yb), never falling with the length."""
+    per_token = max(0.0, (yb - ya) / (b - a))
+    return [float(yb - per_token * b), per_token]
+
+
+def _events(runs: dict, key: str) -> list[list[float]]:
+    """One line per attention call (the same call at the two longest lengths of ``runs``), or one through the
+    largest when the calls do not pair up."""
+    (a, b) = sorted(runs)[-2:]
+    ra, rb = runs[a][key], runs[b][key]
+    return [_chord(a, b, ya, yb) for ya, yb in zip(ra, rb)] if len(ra) == len(rb) else [
+        _chord(a, b, max(ra, default=0), max(rb, default=0))]
+
+
+def _prefill_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` returning each attention's keys and nothing else, as ``rm.generate``'s prefill graph does
+    (``passes/inference.py``): what only the logits need (final norm, head) is dead code."""
+    graph = fx.Graph()
+    mapping: dict = {}
+    graph.graph_copy(gm.graph, mapping)
+    stores = []
+    for node in _attention_nodes(gm.graph):  # like kv_cache.store_kv: an empty tensor, the keys freed after use
+        with graph.inserting_after(mapping[node.args[1]]):
+            stores.append(graph.call_function(torch.ops.aten.new_empty.default, (mapping[node.args[1]], [0])))
+    graph.output(tuple(stores))
+    copy = fx.GraphModule(gm, graph)
+    copy.graph.eliminate_dead_code()
+    copy.recompile()
+    return copy
+
+
+def _fit_prefill(gm: fx.GraphModule, symbols: set, profile: ModelProfile) -> None:
+    """Lines through fake runs of the prefill graph (no gradients) at the profile's two longest lengths."""
+    prefill = _prefill_copy(gm)
+    runs = {n: _simulate(prefill, symbols, n, False) for n in profile.fit_lengths[-2:]}
+    a, b = sorted(runs)
+    profile.prefill_peak_lines = [_chord(a, b, runs[a]["peak"], runs[b]["peak"])]
+    profile.prefill_attention_lines = _events(runs, "attention_forward")
 
 
 def _analytic_profile(profile: ModelProfile) -> None:

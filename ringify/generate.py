@@ -25,7 +25,6 @@ from torch import fx
 from .errors import UnsupportedModelError
 from .runtime import kv_cache
 from .runtime.comm import _wait, default_timeout, rank_and_size, resolve_group
-from .runtime.layout import shard_lengths
 
 # generation_config options HF would apply that rm.generate does not: refused rather than silently dropped
 _UNSUPPORTED_CONFIG = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None,
@@ -53,6 +52,14 @@ class Inputs:
 
     def __init__(self, model: torch.nn.Module, padded: bool):
         params = _parameters(model)
+        required = [name for name, p in _signature_parameters(model)[1:] if p.default is inspect.Parameter.empty
+                    and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                    and name not in ("attention_mask", "position_ids")]
+        if required:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}.forward requires {', '.join(f'`{n}`' for n in required)} besides the token ids; "
+                "generation calls it with token ids (and mask, positions) alone. Hint: generate from the model itself, "
+                "or convert it with example inputs that hold only the token ids.")
         self.keyword = "input_ids" in params
         self.positions = "position_ids" in params
         self.mask = padded and "attention_mask" in params
@@ -76,11 +83,15 @@ class Inputs:
         return (ids,), kwargs
 
 
-def _parameters(model) -> set:
+def _signature_parameters(model) -> list:
     try:
-        return set(inspect.signature(model.forward).parameters)
+        return list(inspect.signature(model.forward).parameters.items())
     except (TypeError, ValueError):
-        return set()
+        return []
+
+
+def _parameters(model) -> set:
+    return {name for name, _ in _signature_parameters(model)}
 
 
 def logits_of(out) -> torch.Tensor:
@@ -223,7 +234,7 @@ def generate(rm, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask
 
 def capacity_per_rank(prompt: int, new_tokens: int, world: int, layout: str) -> int:
     """Cache slots a rank needs: its share of the prompt, then of the decoded tokens (fewest-first keeps them even)."""
-    return max(shard_lengths(prompt, world, layout)) + math.ceil(max(new_tokens - 1, 0) / world) + 1
+    return -(-prompt // world) + math.ceil(max(new_tokens - 1, 0) / world) + 1  # every layout: <= ceil(S/W) each
 
 
 # ------------------------------------------------------------------------------------------ HF semantics

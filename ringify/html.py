@@ -851,6 +851,29 @@ def _context_table(by_outputs: dict, in_force: str) -> str:
     return _table(headers, rows) + note
 
 
+def _generation_tables(generation: dict, label: str) -> list[str]:
+    """An inference report's ``rm.generate`` costs: memory and time per device, the longest prompt per world size."""
+    estimate = generation.get("estimate") or {}
+    if not estimate:
+        return []
+    device, prefill = estimate.get("per_device") or {}, estimate.get("prefill") or {}
+    decode = estimate.get("decode") or {}
+    rows = [[_e(k.replace("_", " ")), _num(_bytes(v))] for k, v in device.items() if k not in ("total", "fits")]
+    rows += [["total", _num(_bytes(device.get("total", "?")))],
+             ["prefill (no logits)", _num(_seconds(prefill.get("seconds", "?")))],
+             [f"decode per token ({_e(decode.get('bound', '?'))}-bound)",
+              _num(_seconds(decode.get("seconds_per_token", "?")))]]
+    title = (f"rm.generate: {_e(generation.get('new_tokens', '?'))} new tokens after a prompt of "
+             f"{_e(estimate.get('prompt', '?'))} tokens on {_e(estimate.get('world_size', '?'))} devices")
+    out = [f"<div><h3>{title}</h3>" + _kv(rows, [""] * (len(rows) - 3) + ["total", "", ""]) + "</div>"]
+    limits = generation.get("max_prompt") or {}
+    if limits:
+        cells = [[_num(_e(w)), _num(f"{int(t):,} <span class='muted'>({_e(_tokens(t))})</span>")]
+                 for w, t in sorted(limits.items(), key=lambda kv: int(kv[0]))]
+        out.append(f"<div><h3>Longest prompt{label}</h3>" + _table(["devices", "prompt tokens"], cells) + "</div>")
+    return out
+
+
 def _cost_section(cost: dict) -> str:
     if not cost:
         return ('<p class="muted">No cost estimate in this report (it is added by <code>rm.report()</code> '
@@ -930,6 +953,7 @@ def _cost_section(cost: dict) -> str:
             rows.append([_num(_e(world)), _num(_e(f"{int(tokens):,}" if isinstance(tokens, (int, float)) else tokens)),
                          _num(_e(_tokens(tokens)))])
         tables.append(f"<div><h3>Largest context{label}</h3>" + _table(["devices", "tokens", "about"], rows) + "</div>")
+    tables += _generation_tables(cost.get("generation") or {}, label)
     if tables:
         parts.append('<div class="grid">' + "".join(tables) + "</div>")
     plots = []

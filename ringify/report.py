@@ -135,6 +135,35 @@ def _cost_markdown(cost: dict) -> list[str]:
                          + "): " + _limits_text(by_outputs[outputs]))
     elif cost.get("max_context"):
         lines.append("- largest context: " + _limits_text(cost["max_context"]))
+    return lines + _generation_markdown(cost.get("generation") or {})
+
+
+def _generation_markdown(generation: dict) -> list[str]:
+    """What ``rm.generate`` costs (an inference report): memory per device, prefill and decode time, and the
+    longest prompt per world size."""
+    estimate = generation.get("estimate") or {}
+    if not estimate:
+        return []
+    device, prefill = estimate.get("per_device") or {}, estimate.get("prefill") or {}
+    decode = estimate.get("decode") or {}
+    step = prefill.get("ring_step") or {}
+    parts = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in device.items()
+                      if k not in ("total", "fits") and v)
+    fits = "" if "fits" not in device else (", fits" if device["fits"] else ", DOES NOT FIT")
+    hidden = "" if step.get("transfer_hidden") is None else (", hidden" if step["transfer_hidden"] else ", NOT hidden")
+    new = generation.get("new_tokens", "?")
+    lines = [f"- generation (rm.generate, {new} new tokens after a prompt of {estimate.get('prompt', '?')} tokens on "
+             f"{estimate.get('world_size', '?')} devices): memory per device {_size(device.get('total', '?'))}{fits} "
+             f"({parts}); the prefill computes no logits",
+             f"- prefill {_time(prefill.get('seconds', '?'))} (ring step: block {step.get('block_tokens', '?')} tokens, "
+             f"compute {_time(step.get('compute_seconds', '?'))} vs transfer {_time(step.get('transfer_seconds', '?'))}"
+             f"{hidden}); decode {_time(decode.get('seconds_per_token', '?'))} per token ({decode.get('bound', '?')}"
+             f"-bound: {_size(decode.get('weight_bytes', '?'))} of weights and "
+             f"{_size(decode.get('cache_bytes_read', '?'))} of cache read, all-gathers "
+             f"{_time(decode.get('all_gather_seconds', '?'))})"]
+    if generation.get("max_prompt"):
+        lines.append(f"- longest prompt for {new} new tokens (parameters whole on every device, key/value cache "
+                     "sharded): " + _limits_text(generation["max_prompt"]))
     return lines
 
 

@@ -103,3 +103,41 @@ def check_tiny_gpt(seed: int, seq_len: int, batch: int = 2, layout: str = "zigza
         "seconds": seconds,
         "report": report if dist.get_rank() == 0 else None,
     }
+
+
+@torch.no_grad()
+def reference_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, mask: torch.Tensor | None = None,
+                       pad: int | None = None) -> tuple[torch.Tensor, str]:
+    """The untouched model's greedy tokens ``[B, S + N]`` and how they were made (``rm.generate``'s reference).
+
+    HF's ``generate`` where the model has it; else the plain loop that runs the whole sequence again for each
+    token, called as ``rm.generate`` calls the model: ``attention_mask`` (extended by ones) only for a padded
+    prompt, ``position_ids`` from the mask's cumsum when forward takes them.
+    """
+    import inspect
+
+    from .generate import logits_of
+
+    if hasattr(model, "generate"):
+        return model.generate(ids, attention_mask=mask, pad_token_id=pad, max_new_tokens=new_tokens,
+                              do_sample=False), "HF generate"
+    try:
+        params = set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        params = set()
+    mask = torch.ones_like(ids) if mask is None else mask
+    padded = not bool(mask.all())
+    out = ids
+    for _ in range(new_tokens):
+        kwargs: dict = {}
+        if padded and "attention_mask" in params:
+            kwargs["attention_mask"] = mask
+        if "position_ids" in params:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        if "use_cache" in params:
+            kwargs["use_cache"] = False
+        result = model(input_ids=out, **kwargs) if "input_ids" in params else model(out, **kwargs)
+        chosen = logits_of(result)[:, -1].float().argmax(-1, keepdim=True)
+        out = torch.cat([out, chosen.to(out.dtype)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(chosen, dtype=mask.dtype)], dim=1)
+    return out, "greedy loop over the whole sequence"

@@ -330,3 +330,49 @@ def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor], extended:
     if extended:
         return out, torch.stack([hi, torch.log(norm)])
     return out, torch.where(total > 0, safe + torch.log(norm), float("-inf"))
+
+
+DECODE_BLOCK = 16384
+"""Keys per piece when a few query rows (a decoded token) attend to a whole cache: [B, H, 1, 16384] fp32
+scores are 64 KiB per (batch, head)."""
+
+
+def attend_keys(q, k, v, q_pos, k_pos, *, scale: float, causal: bool, mask_fn=None, fill: float = float("-inf"),
+                softcap: float = 0.0):
+    """(fp32 out, lse) of a few query rows (``q``: ``[B, H, Lq, D]``, decoding) against every key of ``k``/``v``,
+    with the kernels' semantics and state (two-part lse with a mask or a finite fill). Keys go in blocks of
+    ``DECODE_BLOCK``, not in the ring kernels' runs and tiles: a cache's positions are scattered (decoded
+    tokens join the ranks in turn), and per tile one query row costs more in Python than in arithmetic."""
+    b, h, lq, _ = q.shape
+    hkv = k.shape[1]
+    group = h // hkv
+    extended = _extended(mask_fn, fill)
+    q_f = _fold(q, hkv, 0, lq)
+    outs, lses = [], []
+    for ks in range(0, k.shape[2], DECODE_BLOCK):
+        kl = min(DECODE_BLOCK, k.shape[2] - ks)
+        visible = None
+        if causal:
+            seen = k_pos[ks : ks + kl].unsqueeze(0) <= q_pos.unsqueeze(1)
+            visible = None if bool(seen.all()) else seen
+        k_blk, v_blk = k[:, :, ks : ks + kl].float(), v[:, :, ks : ks + kl].float()
+        if extended:
+            piece = _piece(mask_fn, q_pos, k_pos, 0, lq, ks, kl, visible, (b, hkv, group), fill)
+            if piece is None:
+                continue
+            s = _masked_scores(q_f, k_blk, scale, *piece, fill, group, softcap)
+        else:
+            s = _scores(q_f, k_blk, scale, visible, group, softcap)
+        hi = s.amax(-1)
+        e = s.sub_(_finite(hi).unsqueeze(-1)).exp_()
+        total = e.sum(-1)
+        norm = torch.where(total > 0, total, 1.0)
+        outs.append(torch.matmul(e, v_blk).div_(norm.unsqueeze(-1)).view(b, h, lq, -1))
+        hi, norm = hi.view(b, h, lq), norm.view(b, h, lq)
+        lses.append(torch.stack([hi, torch.log(norm)]) if extended
+                    else torch.where(total.view(b, h, lq) > 0, _finite(hi) + torch.log(norm), float("-inf")))
+    if not outs:
+        lse = torch.full((b, h, lq), float("-inf"), dtype=torch.float32, device=q.device)
+        lse = torch.stack([lse, torch.zeros_like(lse)]) if extended else lse
+        return q.new_zeros((b, h, lq, v.shape[-1]), dtype=torch.float32), lse
+    return (outs[0], lses[0]) if len(outs) == 1 else merge_partials(outs, lses, extended)

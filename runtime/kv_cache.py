@@ -19,8 +19,7 @@ import itertools
 
 import torch
 
-from .block_attention import merge_partials
-from .fused_attention import fused_block_forward
+from .block_attention import attend_keys, merge_partials
 from .comm import all_gather_tensor, default_timeout, rank_and_size, resolve_group
 from .layout import layout_positions, shard_lengths
 
@@ -122,16 +121,17 @@ def cache_of(slot: str) -> ShardedKVCache:
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, *, slot: str, layer: int) -> torch.Tensor:
-    """Prefill: keep this rank's keys and values of ``layer`` (returns ``k``, for the graph's output)."""
+    """Prefill: copy this rank's keys and values of ``layer`` into the cache. Returns an empty tensor (the prefill
+    graph's output), so the layer's own k and v are freed once its attention has run."""
     cache_of(slot).store(layer, k, v)
-    return k
+    return k.new_empty(0)
 
 
 def cache_attention(q, k, v, mask_args, *, slot: str, layer: int, mask_fn: str | None, scale: float, causal: bool,
                     fill: float, softcap: float, group: str) -> torch.Tensor:
     """Attention of the token being decoded (``q``: ``[B, H, 1, D]``) over the whole cache: this rank's shard,
     then the log-sum-exp merge of every rank's partial result (the same bits on every rank)."""
-    from .ring_attention import _block_kernels, _extended, _kernel_options
+    from .ring_attention import _bound_mask, _extended
 
     cache = cache_of(slot)
     if layer not in cache.checked:
@@ -139,17 +139,8 @@ def cache_attention(q, k, v, mask_args, *, slot: str, layer: int, mask_fn: str |
         cache.checked.add(layer)
     keys, values = cache.attend(layer, k, v)
     extended = _extended(mask_fn or "", fill)
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full(((2,) if extended else ()) + tuple(q.shape[:-1]), float("-inf"), dtype=torch.float32,
-                     device=q.device)
-    if extended:
-        lse[1] = 0.0
-    if cache.length:
-        forward_block, _ = _block_kernels(q.device.type, mask_fn or "", fill, softcap)
-        options = _kernel_options(mask_fn or "", mask_args, fill, softcap)
-        if forward_block is fused_block_forward:
-            options["plan_key"] = (mask_fn, tuple(mask_args))  # one tile plan per step for the layers sharing a mask
-        forward_block(q, keys, values, out, lse, cache.q_pos, cache.k_pos, scale=scale, causal=causal, **options)
+    out, lse = attend_keys(q, keys, values, cache.q_pos, cache.k_pos, scale=scale, causal=causal,
+                           mask_fn=_bound_mask(mask_fn, mask_args), fill=fill, softcap=softcap)
     pg = resolve_group(group)
     if rank_and_size(pg)[1] == 1:
         return out.to(q.dtype)

@@ -60,3 +60,14 @@ def reads_its_buffer_meta():
     with torch.device("meta"):
         model = ReadsItsBuffer()
     return model, (torch.randn(1, 16, 8),)
+
+
+def tiny_llama():
+    """A seeded tiny random LlamaForCausalLM (float32, eval; GQA, rotary): the model alone, its config names the
+    vocabulary (``ringify generate`` draws prompts from it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(SEED)
+    config = LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).to(torch.float32).eval()

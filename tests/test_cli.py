@@ -54,7 +54,7 @@ def llama_dir(tmp_path_factory) -> pathlib.Path:
 # ------------------------------------------------------------------------------------------ help
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["convert"], ["report"], ["run"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["convert"], ["report"], ["run"], ["generate"]])
 def test_every_command_explains_itself(command):
     result = cli(*command, "--help")
     assert result.exit_code == 0, result.output
@@ -63,7 +63,7 @@ def test_every_command_explains_itself(command):
 
 def test_help_as_a_real_subprocess():
     done = subprocess_cli("--help", timeout=120)
-    assert done.returncode == 0 and all(c in done.stdout for c in ("demo", "convert", "report", "run"))
+    assert done.returncode == 0 and all(c in done.stdout for c in ("demo", "convert", "report", "run", "generate"))
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -189,6 +189,97 @@ def test_run_under_torchrun(tmp_path):
                           prefix=(str(torchrun),))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "forward on 2 ranks, 33 tokens" in done.stdout
+
+
+# ------------------------------------------------------------------------------------- generate
+
+
+def _table_rows(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("\u2502 ")]
+
+
+def test_generate_tokens_match_the_untouched_model():
+    result = cli("generate", "cli_models:tiny_gpt", "-p", 9, "-n", 4, "-w", 2)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "TinyGPT: 1 x 9-token prompt, 4 new tokens (greedy), 2 ranks" in out, out
+    rows = _table_rows(out)
+    assert len(rows) == 2 and all("match" in row and "KiB" in row for row in rows), out
+    new = [line for line in out.splitlines() if line.startswith("row 0 new tokens:")]
+    assert len(new) == 1 and len(new[0].split(":")[1].split()) == 4, out
+    assert "match: the tokens of all 2 ranks equal the untouched model's (greedy loop" in out
+
+
+@pytest.mark.parametrize("options,verdict", [
+    (["--no-check"], "not checked against the untouched model (--no-check)"),
+    (["--do-sample", "--temperature", "0.8", "--top-k", "10", "--top-p", "0.9", "--batch", "2", "--seed", "5"],
+     "sampled: the 2 ranks returned the same tokens"),
+])
+def test_generate_unchecked_and_sampled(options, verdict):
+    result = cli("generate", "cli_models:tiny_gpt", "-p", 8, "-n", 3, "-w", 2, *options)
+    assert result.exit_code == 0, result.output
+    assert verdict in result.stdout and "match" not in result.stdout, result.stdout
+    rows = _table_rows(result.stdout)
+    assert len(rows) == 2 and all("= rank 0" in row for row in rows), result.stdout
+    batch = 2 if "--batch" in options else 1
+    assert sum(line.startswith("row ") for line in result.stdout.splitlines()) == batch
+
+
+@pytest.mark.slow
+def test_generate_a_left_padded_prompt_file_with_hf_llama_on_three_ranks(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("5 6 7 8 9 10 11\n1, 2, 3,4\n\n12 13 14 15 16 17 18 19 20\n")
+    done = subprocess_cli("generate", "cli_models:tiny_llama", "--prompt-file", prompts, "-n", 5, "-w", 3)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3 x 9-token prompt, left-padded with 2" in done.stdout, done.stdout  # the config's eos: no pad id
+    assert len(_table_rows(done.stdout)) == 3
+    assert "equal the untouched model's (HF generate)" in done.stdout
+
+
+@pytest.mark.slow
+def test_generate_under_torchrun():
+    torchrun = pathlib.Path(sys.executable).parent / "torchrun"
+    done = subprocess_cli("--nproc-per-node", 2, "-m", "ringify.cli", "generate", "cli_models:tiny_llama", "-p", 11,
+                          "-n", 4, prefix=(str(torchrun),))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 x 11-token prompt, 4 new tokens (greedy), 2 ranks" in done.stdout
+    assert done.stdout.count("match") >= 3  # both rows and the verdict line
+
+
+def test_generate_prompt_shorter_than_the_ring_is_one_clear_line(tmp_path):
+    done = subprocess_cli("generate", "cli_models:tiny_gpt", "-p", 1, "-w", 2, timeout=60)
+    assert done.returncode == 1
+    _one_clear_line(done, "--prompt-len 1", "2 ranks", "at least one prompt token")
+    assert "hint: use a longer --prompt-len" in done.stderr
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 2 3\n4 five 6\n")
+    result = cli("generate", "cli_models:tiny_gpt", "--prompt-file", bad)
+    assert result.exit_code == 1 and "line 2: 'five' is not a token id" in result.output, result.output
+
+
+def test_generate_reports_tokens_that_differ(capsys):
+    """The verdict itself: a rank whose tokens differ from the untouched model's fails with the first difference."""
+    import typer
+
+    from ringify.cli import _print_generate
+
+    ref = torch.tensor([[1, 2, 3, 4, 5]])
+    row = {"world_size": 2, "model": "M", "batch": 1, "prompt_len": 3, "padded": False, "pad": 0, "layout": "zigzag",
+           "seed": 0, "steps": 2, "capture_s": 1.0, "prefill_s": 0.1, "decode_s": 0.1, "total_s": 0.2,
+           "cache_bytes": 4096, "device": "cpu", "reference_kind": "HF generate"}
+    results = [{**row, "rank": 0, "tokens": torch.tensor([[1, 2, 3, 4, 6]]), "reference": ref},
+               {**row, "rank": 1, "tokens": torch.tensor([[1, 2, 3, 4, 6]]), "reference": None}]
+    with pytest.raises(typer.Exit) as exit_:
+        _print_generate(results, sampled=False)
+    assert exit_.value.exit_code == 1
+    captured = capsys.readouterr()
+    assert "DIFFER" in captured.out
+    assert "row 0, new token 1: 6 instead of 5" in captured.err
+    results[1]["tokens"] = torch.tensor([[1, 2, 3, 7, 7]])
+    results[0]["reference"] = None
+    with pytest.raises(typer.Exit):
+        _print_generate(results, sampled=True)
+    assert "rank(s) 1 returned other tokens than rank 0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ bad inputs

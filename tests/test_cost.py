@@ -454,3 +454,130 @@ def test_predicted_memory_matches_gloo_measurement(ranks, kind, outputs, checkpo
         assert abs(predicted - measured) <= TOLERANCE * measured, (
             f"{kind}, {seq_len} tokens on {world} ranks: predicted {predicted:.2f} MiB, measured {measured:.2f} MiB; "
             f"all: {rows}")
+
+
+# ------------------------------------------------------------------------------------- generation (inference)
+
+
+def test_cache_slots_are_what_rm_generate_allocates():
+    """cost.cache_slots (closed form: the largest prompt shard is ceil(S/W) in every layout) equals
+    generate.capacity_per_rank (which builds the layout's positions) for odd and even lengths, any W."""
+    from ringify.cost import cache_slots
+    from ringify.generate import capacity_per_rank
+
+    for layout in ("zigzag", "contiguous", "striped"):
+        for world in (1, 2, 3, 4, 7, 8):
+            for prompt in range(max(world, 2), 70, 3):
+                for new in (1, 2, 5, 16):
+                    assert cache_slots(prompt, new, world) == capacity_per_rank(prompt, new, world, layout)
+
+
+def test_generation_memory_and_time_by_hand():
+    """Per-rank cache, prefill and decode of rm.generate on round numbers: 4 layers, 2 kv heads x 64 dims in bf16."""
+    from ringify.cost import generation_estimate
+
+    hw = dataclasses.replace(FLAT, memory_bandwidth=1e11, latency=1e-5)
+    profile = synthetic(training=False, causal=True, prefill_peak_lines=[[0, 3_000]],
+                        prefill_attention_lines=[[0, 2_000]], root_parameters=400_000, lookup_bytes=500_000)
+    out = generation_estimate(profile, 8191, 9, 4, hw)
+    slots = math.ceil(8191 / 4) + math.ceil(8 / 4) + 1  # the largest prompt shard, a share of the new tokens, one more
+    assert out["per_device"]["kv_cache"] == 4 * 2 * 1 * 2 * 64 * 2 * slots
+    assert out["per_device"]["parameters"] == 2_000_000
+    device = out["per_device"]
+    assert device["total"] == sum(v for k, v in device.items() if k not in ("total", "fits"))
+    # the prefill's peak: its whole run, or an attention moment with the ring's buffers and workspace
+    ring = device["kv_buffers"] + device["attention_workspace"]
+    assert device["kv_buffers"] == 2 * (2 * 1 * 2 * 2048 * 64 * 2)  # two receive buffers of K + V
+    assert device["prefill_activations"] + ring == max(3_000 * 2048, 2_000 * 2048 + ring)
+    # prefill: 2 B L P_blocks token-local FLOPs, then W steps per layer of max(compute, transfer)
+    local, block_flops = 2048, 4 * 8 * 2048**2 * 64 / 2
+    step = max(block_flops / hw.flops, 2 * 2 * 2048 * 64 * 2 / hw.bandwidth)
+    assert out["prefill"]["seconds"] == pytest.approx(2 * local * 600_000 / hw.flops + 4 * 4 * step)
+    # decode: the weights (embedding table excepted) and half-way cache read, then W - 1 ring steps per layer
+    held = math.ceil((8191 + 4) / 4)
+    reads = (2_000_000 - 500_000) + 4 * 2 * 2 * 64 * 2 * held
+    gathers = 4 * 3 * (1e-5 + 8 * 65 * 4 / hw.bandwidth)
+    assert out["decode"]["bound"] == "memory"
+    assert out["decode"]["seconds_per_token"] == pytest.approx(reads / hw.memory_bandwidth + gathers)
+    json.dumps(out)
+
+
+def test_longest_prompt_grows_with_the_devices_when_the_cache_dominates():
+    """Parameters are whole on every rank, the cache and the prefill's activations are sharded: with 32 layers
+    of GQA keys and values (128 KiB per token), the longest prompt is >= 0.9 W x the one-device prompt."""
+    from ringify.cost import generation_estimate, max_prompt
+
+    profile = synthetic(training=False, layers=32, kv_heads=8, head_dim=128, parameter_bytes=200_000_000,
+                        prefill_peak_lines=[[1_000_000, 20_000]], prefill_attention_lines=[[0, 10_000]])
+    big = dataclasses.replace(FLAT, memory=16 * 2**30)
+    limits = {w: max_prompt(profile, w, big, 64) for w in (1, 2, 4, 8, 16, 32)}
+    assert limits[1] > 10_000
+    for w, limit in limits.items():
+        assert limit >= 0.9 * w * limits[1], (w, limits)
+        assert generation_estimate(profile, limit, 64, w, big)["per_device"]["fits"]
+        assert not generation_estimate(profile, limit + 1, 64, w, big)["per_device"]["fits"]
+    assert max_prompt(profile, 4, dataclasses.replace(FLAT, memory=100_000_000), 64) == 0  # not even the parameters
+
+
+def _generate_cache(seq_len: int, new_tokens: int) -> tuple[int, int]:
+    """On one rank: (rm.cache_bytes, PeakMemory of the whole rm.generate) of the test's small Llama, greedy, after a
+    first call that captures the graphs."""
+    model = _build("llama").eval()
+    ids = _ids("llama", seq_len)
+    rm = ringify(model)
+    rm.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
+    with PeakMemory() as meter:
+        rm.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
+    return rm.cache_bytes, meter.peak_bytes
+
+
+def test_predicted_cache_equals_rm_generate_on_two_ranks(ranks):
+    """The predicted per-rank cache equals a hand count and rm.cache_bytes after a real rm.generate on 2 gloo ranks
+    exactly (the capacity rounding is rm.generate's own: ceil(S/W) + ceil((N-1)/W) + 1 slots); the predicted peak
+    less parameters is within the cost model's 25% of the measured peak of the generate."""
+    from ringify.cost import generation_estimate
+
+    model = _build("llama").eval()
+    ids = _ids("llama", 64)
+    captured = capture(model, (), dict(input_ids=ids, use_cache=False))
+    attention = [m.summary() for m in canonicalize_attention(captured.graph_module)]
+    profile = profile_model(model, captured.graph_module, captured.symbols, attention, batch=1, training=False)
+    assert profile.prefill_peak_lines and not profile.notes, profile.notes
+    prompt, new = 301, 7
+    measured = ranks(2).run(_generate_cache, prompt, new, timeout=300)
+    device = generation_estimate(profile, prompt, new, 2, HARDWARE["cpu-gloo"])["per_device"]
+    head_dim = LLAMA["hidden_size"] // LLAMA["num_attention_heads"]
+    by_hand = LLAMA["num_hidden_layers"] * 2 * 1 * LLAMA["num_key_value_heads"] * head_dim * 4 * (151 + 3 + 1)
+    assert device["kv_cache"] == by_hand
+    for cache_bytes, peak in measured:
+        assert cache_bytes == by_hand
+        predicted = device["total"] - device["parameters"]
+        assert abs(predicted - peak) <= TOLERANCE * peak, (predicted / MIB, peak / MIB)
+
+
+def test_report_inference_of_a_config_only_llama(tmp_path):
+    """`ringify report DIR --inference` plans a directory with only config.json (no weights, on meta) and gives
+    the longest prompt per world size, growing with the devices, and a cache counted from the attention shapes."""
+    from typer.testing import CliRunner
+
+    from ringify.cli import app
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512, "intermediate_size": 1024,
+           "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 1000,
+           "max_position_embeddings": 1 << 20, "dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    runner = CliRunner()
+    args = ["report", str(tmp_path), "--inference", "-w", "4", "-s", "4096", "--max-new-tokens", "32"]
+    result = runner.invoke(app, [*args, "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    cost = json.loads(result.stdout)["cost"]
+    assert cost["profile"]["meta_device"] and not cost["profile"]["training"]
+    generation = cost["generation"]
+    slots = 1024 + math.ceil(31 / 4) + 1
+    assert generation["estimate"]["per_device"]["kv_cache"] == 8 * 2 * 2 * 64 * 2 * slots
+    limits = generation["max_prompt"]
+    assert list(limits) == ["1", "2", "4", "8", "16", "32"]
+    assert all(limits[str(w)] >= 0.9 * w * limits["1"] > 0 for w in (2, 4, 8, 16, 32)), limits
+    text = runner.invoke(app, args, catch_exceptions=False)
+    assert text.exit_code == 0, text.output
+    assert "longest prompt for 32 new tokens" in text.stdout and f"32 devices: {limits['32']:,} tokens" in text.stdout

@@ -12,6 +12,7 @@ import torch
 
 from ringify import ringify
 from ringify.launch import RankFailure
+from ringify.verify import reference_generate
 from zoo import VOCAB, ZOO
 
 GREEDY = ["llama_sdpa", "qwen2", "mistral_swa", "gpt2_eager", "gemma2_softcap_swa", "tiny_gpt"]
@@ -32,19 +33,6 @@ def _left_padding(seed: int, batch: int, length: int) -> torch.Tensor:
     return mask
 
 
-def greedy_reference(model, ids, new_tokens: int, mask=None, pad=None):
-    """HF's generate where the model has it; else the plain loop: the whole sequence again for each token."""
-    if hasattr(model, "generate"):
-        kwargs = {} if mask is None else {"attention_mask": mask, "pad_token_id": pad}
-        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **kwargs)
-    out = ids
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            logits = model(out).logits[:, -1]
-            out = torch.cat([out, logits.argmax(-1, keepdim=True)], dim=1)
-    return out
-
-
 def check_greedy(name: str, seed: int, prompt_len: int, new_tokens: int, padded: bool = False, layout: str = "zigzag"):
     zm = ZOO[name]()
     reference = copy.deepcopy(zm.model)
@@ -53,7 +41,7 @@ def check_greedy(name: str, seed: int, prompt_len: int, new_tokens: int, padded:
     pad = 0 if padded else None
     if padded:
         ids = ids.masked_fill(mask == 0, pad)
-    expected = greedy_reference(reference, ids, new_tokens, mask, pad)
+    expected, _ = reference_generate(reference, ids, new_tokens, mask, pad)
     rm = ringify(zm.model, layout=layout)
     got = rm.generate(ids, max_new_tokens=new_tokens, attention_mask=mask, pad_token_id=pad)
     assert torch.equal(got, expected), (name, got, expected)
@@ -231,10 +219,8 @@ def check_rope_lm(seed: int, prompt_len: int, new_tokens: int):
     for p in model.parameters():  # weights large enough that a dropped window or position changes the tokens
         torch.nn.init.normal_(p, std=0.5)
     ids = _prompt(seed, 2, prompt_len)
-    expected = ids
-    with torch.no_grad():
-        for _ in range(new_tokens):
-            expected = torch.cat([expected, model(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    expected, how = reference_generate(model, ids, new_tokens)
+    assert how.startswith("greedy loop")
     got = ringify(copy.deepcopy(model)).generate(ids, max_new_tokens=new_tokens)
     assert torch.equal(got, expected), (got, expected)
     return got
@@ -244,3 +230,42 @@ def check_rope_lm(seed: int, prompt_len: int, new_tokens: int):
 def test_hand_written_rotary_model(ranks, seed, world_size):
     results = ranks(world_size).run(check_rope_lm, seed, 3 * world_size + 4, 6)
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+@pytest.mark.parametrize("case", ["causal", "window_finite_fill", "padding_bias_softcap", "no_key_visible"])
+def test_decode_kernel_equals_the_reference_tiles(monkeypatch, seed, case):
+    """The decode kernel (a few query rows against a cache at scattered positions, in key blocks) against the
+    plain-torch block kernel the ring uses: output and log-sum-exp state, several key blocks."""
+    from ringify.runtime import block_attention as ba
+
+    monkeypatch.setattr(ba, "DECODE_BLOCK", 7)
+    g = torch.Generator().manual_seed(seed)
+    b, h, hkv, d, n = 2, 4, 2, 8, 23
+    k_pos = torch.randperm(60, generator=g)[:n].sort().values
+    q_pos = torch.tensor([int(k_pos[-1]) + (0 if case == "no_key_visible" else 1)])
+    q = torch.randn(b, h, 1, d, generator=g) * 3
+    k, v = torch.randn(b, hkv, n, d, generator=g) * 3, torch.randn(b, hkv, n, d, generator=g)
+    keep_rows = torch.rand(b, 64, generator=g) > 0.3
+    bias = torch.randn(b, 64, generator=g)
+    options = {"causal": True}
+    if case == "window_finite_fill":
+        options.update(mask_fn=lambda qp, kp: (qp[:, None] - kp[None, :]) < 20, fill=torch.finfo(torch.float32).min)
+    elif case == "padding_bias_softcap":
+        options.update(mask_fn=lambda qp, kp: bias[:, None, None, kp] + torch.where(keep_rows[:, None, None, kp], 0.0, float("-inf")),
+                       softcap=2.0)
+    elif case == "no_key_visible":
+        options.update(mask_fn=lambda qp, kp: (kp[None, :] > 1000).expand(len(qp), -1), causal=False)
+    extended = "mask_fn" in options
+    out = torch.zeros(b, h, 1, d)
+    lse = torch.full((2, b, h, 1) if extended else (b, h, 1), float("-inf"))
+    if extended:
+        lse[1] = 0
+    ba.torch_block_forward(q, k, v, out, lse, q_pos, k_pos, scale=0.3, **options)
+    got_out, got_lse = ba.attend_keys(q, k, v, q_pos, k_pos, scale=0.3, **options)
+    assert torch.allclose(got_out, out, atol=1e-6, rtol=1e-5)
+    if extended:  # the same state up to how (maximum, log-sum) split the same total
+        total, got_total = lse[0] + lse[1], got_lse[0] + got_lse[1]
+        assert torch.equal(torch.isneginf(total), torch.isneginf(got_total))
+        assert torch.allclose(got_total[torch.isfinite(total)], total[torch.isfinite(total)], rtol=1e-6)
+    else:
+        assert torch.allclose(got_lse, lse, rtol=1e-6)
