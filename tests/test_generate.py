@@ -269,3 +269,25 @@ def test_decode_kernel_equals_the_reference_tiles(monkeypatch, seed, case):
         assert torch.allclose(got_total[torch.isfinite(total)], total[torch.isfinite(total)], rtol=1e-6)
     else:
         assert torch.allclose(got_lse, lse, rtol=1e-6)
+
+
+def check_eos(seed: int, prompt_len: int, new_tokens: int):
+    """Stopping as HF does: a row that draws eos is padded afterwards; the loop ends when every row has."""
+    zm = ZOO["llama_sdpa"]()
+    reference = copy.deepcopy(zm.model)
+    ids = _prompt(seed, 2, prompt_len)
+    free = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    rm = ringify(zm.model)
+    for eos in {int(free[0, prompt_len + 1]), int(free[1, prompt_len])}:  # row 0 stops at its 2nd token; row 1 at its 1st
+        expected = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0)
+        got = rm.generate(ids, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(got, expected), (eos, got, expected)
+    both = [int(free[0, prompt_len]), int(free[1, prompt_len])]  # every row stops at once: the loop ends early
+    got = rm.generate(ids, max_new_tokens=new_tokens, eos_token_id=both, pad_token_id=0)
+    assert got.shape[1] == prompt_len + 1 and torch.equal(got, reference.generate(
+        ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=both, pad_token_id=0))
+    return got
+
+
+def test_stops_at_eos_like_hf(ranks, seed):
+    ranks(2).run(check_eos, seed, 9, 6)
