@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import pathlib
 import platform
 import statistics
 import sys
@@ -45,6 +43,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ringify import ringify
 from ringify.launch import LocalRanks
 from ringify.memory import PeakMemory
+
+from measure import median_seconds, save_result  # benchmarks/measure.py, beside this script
 
 MIB = 2**20
 
@@ -93,15 +93,10 @@ def untouched(cfg: dict, lengths: list[int], new_tokens: int, reps: int) -> list
             def prefill():
                 return model(input_ids=ids, use_cache=True, logits_to_keep=keep).logits[:, -1].argmax(-1)
 
-            prefill()  # warm-up
-            times = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                prefill()
-                times.append(time.perf_counter() - start)
+            seconds = median_seconds(prefill, reps)
             with PeakMemory() as meter:
                 prefill()
-            row[f"prefill_{name}_s"], row[f"peak_{name}_bytes"] = statistics.median(times), meter.peak_bytes
+            row[f"prefill_{name}_s"], row[f"peak_{name}_bytes"] = seconds, meter.peak_bytes
         hf_greedy(model, ids, new_tokens)  # warm-up
         runs = [hf_greedy(model, ids, new_tokens) for _ in range(reps)]
         row["ttft_s"], row["decode_s"] = medians(runs)
@@ -236,9 +231,7 @@ def main() -> None:
         "loadavg_1_5_15min_before_after": [load_before, os.getloadavg()], "wall_s": time.perf_counter() - wall,
         "tokens_equal": all(r["tokens_equal"] for r in rows), "rows": rows,
     }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = save_result(args.out, result)
 
     print(f"\nLlama {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, heads {cfg['num_attention_heads']}/"
           f"{cfg['num_key_value_heads']}, vocab {cfg['vocab_size']}, fp32, B=1, {local} prompt tokens per rank, "

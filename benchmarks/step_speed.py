@@ -20,12 +20,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
-import pathlib
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -35,17 +31,9 @@ from ringify import ringify
 from ringify.launch import LocalRanks
 from ringify.runtime import ring_attention
 
+from measure import median_seconds, save_result  # benchmarks/measure.py, beside this script
+
 TARGETS = {"kernel": 0.95, "model": 0.90, "two_ranks": 1.7}
-
-
-def median_seconds(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # ------------------------------------------------------------------------------------ (a) the kernel
@@ -168,9 +156,7 @@ def main() -> None:
               "torch": torch.__version__, "command": " ".join(["python", *sys.argv]), "reps": reps,
               "kernel_shape": kernel_shape, "model_shape": model_shape, "kernel": kernels, "model": model,
               "targets": TARGETS, "checks": checks}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = save_result(args.out, result)
 
     print(f"\nmedian of {reps} after a warm-up, fp32, 1 thread per process -> {out}")
     print(f"{'what':<64} {'baseline':>10} {'ringify':>10} {'ratio (speed)':>14}")
