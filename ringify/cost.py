@@ -25,6 +25,11 @@ Two edits make that run behave like the ringified model on one device:
 - feed-forward blocks are chunked as ringify chunks them (``passes/ffn.py``: ``ffn_chunk_tokens``,
   recomputed in backward), if the graph does not already contain the chunked calls.
 
+Activation checkpointing (the model's own regions, or every layer with ``checkpoint="layers"``) runs as
+ringify runs it: each region outlined and simulated under ``torch.utils.checkpoint`` (non-reentrant), so
+forward saves only its inputs, and backward recomputes it and frees each recomputed tensor once used. Its
+attention forwards run again in backward; those moments are kept apart (``attention_recompute_lines``).
+
 The run is repeated at 1024, 2048 and (when quick) 4096 tokens, or shorter if the model cannot take
 them, and fitted as lines ``fixed + per_token * L``: the bytes alive when each attention forward and
 each attention backward starts (one line per call: the same moment at every length; the first
@@ -38,9 +43,11 @@ FSDP2 frees each layer's gradients after its reduce-scatter (see "Training state
 added analytically, following what ``runtime/ring_attention.py`` and ``runtime/block_attention.py``
 allocate:
 
-- ``kv_buffers`` (W > 1): two flat key/value buffers of one block each (double buffering), and in
+- ``kv_buffers`` (W > 1): two flat key/value buffers of one block each (double buffering; one on two
+  ranks), a contiguous copy of this rank's block where k or v is not contiguous (``kv_copied``), and in
   backward also two fp32 dK/dV accumulator buffers and the block gradient in flight;
-- ``attention_workspace``: the fp32 ring state (dQ, delta, the block's dK/dV) and the block kernel's
+- ``attention_workspace``: the fp32 ring state (the running output or dQ, delta, the block's dK/dV; in
+  fp32 the running output is the result itself, there from the op's start) and the block kernel's
   scratch: with the plain-torch kernels (CPU, and every masked attention on any device) the fp32
   score tiles of ``T = min(block_attention.TILE, L)`` query rows by ``T`` keys (some rank's shard is
   one contiguous run, so its tiles are that large), or, if larger, evaluating the model's block mask
@@ -49,9 +56,12 @@ allocate:
   running them on small tensors, and the mask piece on fake tensors, so the model follows the code
   when it changes. The Triton kernels (CUDA, no mask) keep their tiles on chip.
 
-The ring's extras are added at the moments they exist (the attention forward or backward); the
-predicted peak is the largest of those and of the fitted peak of the step; gathered outputs (``outputs="full"``
-gathers e.g. the logits to [B, S, vocab] on every rank) add ``(S - L) * output_bytes_per_token``.
+The ring's extras are added at the moments they exist (the attention forward or backward, and a forward
+recomputed in backward, which finds the fused kernels' tile plan made at the first forward, as backward does);
+the predicted peak is the largest of those and of the fitted peak of the step; gathered outputs
+(``outputs="full"`` gathers e.g. the logits to [B, S, vocab] on every rank) add ``(S - L) *
+output_bytes_per_token``, and their all-gather at the end of forward is one more moment: what forward leaves
+alive, the shard padded, one piece per rank and the full output at once (``runtime/sequence.py``).
 
 Approximations (stated, not hidden):
 
@@ -267,6 +277,7 @@ class ModelProfile:
     outputs: str = "full"                # "full": outputs with tokens are gathered to full length on every rank
     ffn_chunk_tokens: int | None = None
     tile_tokens: int = 256               # block_attention.TILE
+    kv_copied: float = 0.0               # share of a K+V block the ring copies to send it (k or v not contiguous)
     # the fake-tensor runs (W = 1, ring internals excluded), in bytes
     activation_bytes_per_token: float = 0.0  # alive after forward: saved for backward + outputs (no S^2 terms)
     activation_bytes_fixed: float = 0.0
@@ -281,6 +292,10 @@ class ModelProfile:
     # the same without the parameter gradients made so far (FSDP2 reduce-scatters and frees them per layer)
     activation_peak_lines: list = field(default_factory=list)
     attention_backward_activation_lines: list = field(default_factory=list)
+    # activation checkpointing: alive when each attention forward that backward recomputes starts (a recomputed
+    # region's), with the parameter gradients made so far, and without them; not among attention_forward_lines
+    attention_recompute_lines: list = field(default_factory=list)
+    attention_recompute_activation_lines: list = field(default_factory=list)
     output_bytes_per_token: float = 0.0      # the graph's outputs that have a token dim (logits)
     # inference only: the fake run of the prefill graph (cut after the last attention's keys, no gradients)
     prefill_peak_lines: list = field(default_factory=list)
@@ -293,6 +308,7 @@ class ModelProfile:
     kernel_workspace: dict = field(default_factory=dict)
     fused_workspace: dict = field(default_factory=dict)  # {"forward"|"backward": [fixed bytes, per fp32 q element]}
     mask_chunk_bytes: float = 0.0        # evaluating the block mask on TILE queries x 4 TILE keys (fused kernels)
+    mask_chunk_tiles: int = 4            # key tiles of that chunk (fused_attention._MASK_CHUNK)
     mask_static: bool = False            # every mask reads only buffers and positions: the fused kernels' tile
                                          # plan is cached across steps, so a step evaluates no mask
     mask_piece_bytes: float = 0.0            # evaluating the model's block mask on one T x T piece (peak)
@@ -365,6 +381,7 @@ def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols:
             from .runtime import fused_attention
 
             chunk = fused_attention._MASK_CHUNK  # the fused kernels evaluate a mask for this many key tiles at once
+            profile.mask_chunk_tiles = int(chunk)
             profile.mask_chunk_bytes = float(_mask_piece_bytes(gm, symbols, profile.fit_lengths[0],
                                                                profile.tile_tokens, chunk))
             profile.mask_static = _masks_static(gm, symbols)
@@ -444,7 +461,8 @@ def _lines(lines: list, tokens: int, scale: float) -> float:
 
 
 def _ring_terms(profile: ModelProfile, local: int, world_size: int, hardware: Hardware) -> dict:
-    """Bytes of the ring on one device while one attention layer runs (forward, backward)."""
+    """Bytes of the ring on one device while one attention layer runs (forward, backward, and a forward that
+    backward recomputes: activation checkpointing)."""
     b, h, hkv, d, dt = profile.batch, profile.heads, profile.kv_heads, profile.head_dim, profile.dtype_bytes
     kv_block = 2 * b * hkv * local * d  # elements of one K+V block
     kind = hardware.kernel if hardware.kernel != "triton" or not profile.masked else "torch"  # CUDA: masks -> tiles
@@ -452,8 +470,17 @@ def _ring_terms(profile: ModelProfile, local: int, world_size: int, hardware: Ha
     t, pieces = _tile(profile, local)
     tile, rows = b * h * t * t * _FP32, b * h * t * d * _FP32
     mask = profile.mask_piece_bytes * t / max(1, profile.tile_tokens) * profile.batch / max(1, profile.sim_batch)
+    # the fused kernels' classification chunk: T queries by up to 4 TILE keys, no more than the block has; from the
+    # T x T piece, bytes per further key (the two measured at TILE rows), then, like the piece, linear in the rows
+    full_tile, chunk_tiles = max(1, profile.tile_tokens), max(1, profile.mask_chunk_tiles)
+    measured = profile.fit_lengths[0] if profile.fit_lengths else chunk_tiles * full_tile  # that run had no more keys
+    span = min(chunk_tiles * full_tile, measured) - min(full_tile, measured)
+    per_key = max(0.0, profile.mask_chunk_bytes - profile.mask_piece_bytes) / span if span > 0 else 0.0
+    chunk_keys = max(0, min(chunk_tiles * full_tile, local) - full_tile)
+    chunk = ((profile.mask_piece_bytes + per_key * chunk_keys) * t / full_tile * profile.batch
+             / max(1, profile.sim_batch)) if profile.mask_chunk_bytes else 0.0
 
-    def kernel(phase: str) -> float:
+    def kernel(phase: str, recomputed: bool = False) -> float:
         """The kernel's scratch: its own tiles, or evaluating the block mask while the tiles of the piece
         before may still be alive."""
         ws = profile.kernel_workspace.get(phase) or {}
@@ -463,24 +490,29 @@ def _ring_terms(profile: ModelProfile, local: int, world_size: int, hardware: Ha
         if kind == "fused":  # the piece's output (and dQ, dK, dV) beside the running state: rows of the block
             fixed, per_row = (profile.fused_workspace or {}).get(phase, [0.0, 0.0])
             # the block mask: classified (TILE x 4 TILE at a time) once per step, at the first forward, its plan
-            # then shared by every layer and the backward, which evaluates only partly visible tiles (T x T)
-            chunk = profile.mask_chunk_bytes * profile.batch / max(1, profile.sim_batch)
-            evaluated = 0.0 if profile.mask_static else (chunk if phase == "forward" else mask)
+            # then shared by every layer and the backward, which evaluates only partly visible tiles (T x T), as
+            # does a forward recomputed in backward (the same mask arguments as that backward's find the plan)
+            first = phase == "forward" and not recomputed
+            evaluated = 0.0 if profile.mask_static else (chunk if first else mask)
             return fixed + per_row * b * h * local * d * _FP32 + evaluated
         return max(tiles * tile + row_blocks * rows, mask + carried * tile) if torch_kernels else 0.0
 
     kernel_fwd, kernel_bwd = kernel("forward"), kernel("backward")
-    upcast = b * h * local * d * _FP32 if dt != _FP32 else 0  # the fp32 running output / dQ beside q's dtype
-    state_fwd = upcast
-    state_bwd = upcast + b * h * local * _FP32 + kv_block * _FP32  # dQ, delta, the block's dK/dV
+    # the fp32 running output (forward) and dQ (backward), allocated as the op starts: beside q's dtype, or in fp32
+    # the result itself (which the fake run makes only when its stub returns)
+    running = b * h * local * d * _FP32
+    state_fwd = running
+    state_bwd = running + b * h * local * _FP32 + kv_block * _FP32  # dQ, delta, the block's dK/dV
     ring = world_size > 1
     received = 1 if world_size == 2 else 2  # key/value receive buffers (runtime/ring_attention.py: _Ring.kv_buffers)
+    received += profile.kv_copied  # and this rank's own block, copied to be sent when k or v is not contiguous
     return {
         "kv_forward": received * kv_block * dt if ring else 0,
         # the receive buffers, and two more fp32 dK/dV pairs: the share in flight and the accumulator arriving
         "kv_backward": (received * kv_block * dt + 2 * kv_block * _FP32) if ring else 0,
         "workspace_forward": kernel_fwd + state_fwd,
         "workspace_backward": kernel_bwd + state_bwd,
+        "workspace_recompute": kernel("forward", recomputed=True) + state_fwd,
     }
 
 
@@ -520,21 +552,32 @@ def _memory(profile: ModelProfile, seq_len: int, world_size: int, hardware: Hard
         step_lines = _activation_lines(profile, profile.step_peak_lines, profile.activation_peak_lines)
         backward_lines = _activation_lines(profile, profile.attention_backward_lines,
                                            profile.attention_backward_activation_lines)
+        recompute_lines = _activation_lines(profile, profile.attention_recompute_lines,
+                                            profile.attention_recompute_activation_lines)
         held = 0.0
     else:  # every gradient stays where backward made it: the fake run's peak has them
         step_lines, backward_lines, held = profile.step_peak_lines, profile.attention_backward_lines, state["gradients"]
+        recompute_lines = profile.attention_recompute_lines
     step = _lines(step_lines, local, scale)
     fwd = _lines(profile.attention_forward_lines, local, scale) + ring["kv_forward"] + ring["workspace_forward"]
     moments = [step, fwd]  # the step's own peak; inside an attention forward
     if profile.training:  # inside an attention backward
         moments.append(_lines(backward_lines, local, scale) + ring["kv_backward"] + ring["workspace_backward"])
+        if recompute_lines:  # inside an attention forward that backward recomputes (activation checkpointing)
+            moments.append(_lines(recompute_lines, local, scale) + ring["kv_forward"] + ring["workspace_recompute"])
         kv, workspace = ring["kv_backward"], ring["workspace_backward"]
     else:
         kv, workspace = ring["kv_forward"], ring["workspace_forward"]
-    peak = max(moments)
     gathered = 0.0
     if profile.outputs == "full" and world_size > 1:
-        gathered = (int(seq_len) - local) * profile.output_bytes_per_token * scale
+        output_bytes = profile.output_bytes_per_token * scale
+        gathered = (int(seq_len) - local) * output_bytes
+        # the all-gather itself, at the end of forward (runtime/sequence.py, _GatherSequence): beside what forward
+        # leaves alive (the local outputs among it), the shard padded to the longest, one such piece from every
+        # rank and the full output, at once; of the full output, all but a shard's length is ``gathered``
+        after_forward = profile.activation_bytes_fixed + profile.activation_bytes_per_token * scale * local
+        moments.append(after_forward + (world_size + 2) * local * output_bytes)
+    peak = max(moments)
     activations = max(0, peak - held - kv - workspace)
     parts = {"parameters": state["parameters"], "gradients": state["gradients"],
              "optimizer_states": state["optimizer_states"], "gathered_parameters": state["gathered_parameters"],
@@ -1006,6 +1049,9 @@ class _Recorder:
         self.forward_live: list[int] = []
         self.backward_live: list[int] = []
         self.backward_activations: list[int] = []  # live bytes less the parameter gradients made so far
+        self.recompute_live: list[int] = []  # attention forwards run again in backward (checkpointed regions)
+        self.recompute_activations: list[int] = []
+        self.kv_copied = 0.0  # the most of K+V that an attention gets not contiguous (W > 1 sends a copy)
 
 
 def _meter():
@@ -1042,17 +1088,22 @@ class _RingStub(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, recorder):
-        if recorder.meter is not None:
+        if recorder.meter is not None and torch._C._current_graph_task_id() != -1:  # recomputed, in backward
+            recorder.recompute_live.append(recorder.meter.live_bytes)
+            recorder.recompute_activations.append(recorder.meter.activation_bytes)
+        elif recorder.meter is not None:
             recorder.forward_live.append(recorder.meter.live_bytes)
         out = q.new_empty((*q.shape[:-1], v.shape[-1]))
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.recorder = recorder
+        recorder.kv_copied = max(recorder.kv_copied, (int(not k.is_contiguous()) + int(not v.is_contiguous())) / 2)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, _, _ = ctx.saved_tensors
+        grad = grad.contiguous()  # as ring_attention's backward passes it on (a copy when it arrives transposed)
         recorder = ctx.recorder
         if recorder.meter is not None:
             recorder.backward_live.append(recorder.meter.live_bytes)
@@ -1103,7 +1154,20 @@ class _Simulator(fx.Interpreter):
         module = self.fetch_attr(target)
         if isinstance(module, Recompute):  # its body simulated the same way, under torch.utils.checkpoint
             body = _Simulator(module.body, self.fake_mode, self.recorder, fakes=self.fakes)
-            run = lambda *a: body.run(*a, enable_io_processing=False)  # noqa: E731
+
+            def run(*a):
+                # The interpreter keeps its values in ``env``, not in a Python frame: left there, they would outlive
+                # the call as the region's compiled code never lets them. Its outputs would stay alive until the
+                # region is recomputed; and the recomputation, which checkpoint stops by raising once the last
+                # saved tensor is made (``early_stop``), would leave the values it had then, and with their
+                # ``grad_fn`` the recomputed graph and all its saved tensors, alive through the region's whole
+                # backward (in a real run they die with the frame, and each recomputed tensor once backward has
+                # used it).
+                try:
+                    return body.run(*a, enable_io_processing=False)
+                finally:
+                    body.env = {}
+
             if not torch.is_grad_enabled():
                 return run(*args)
             from torch.utils.checkpoint import checkpoint
@@ -1172,7 +1236,9 @@ def _simulate(gm: fx.GraphModule, symbols: set, seq_len: int, training: bool) ->
             "activation_peak": meter.activation_peak, "activation_moment": meter.live_at_activation_peak,
             "gradients": meter.gradient_bytes,
             "attention_forward": recorder.forward_live, "attention_backward": recorder.backward_live,
-            "attention_backward_activations": recorder.backward_activations}
+            "attention_backward_activations": recorder.backward_activations,
+            "attention_recompute": recorder.recompute_live,
+            "attention_recompute_activations": recorder.recompute_activations, "kv_copied": recorder.kv_copied}
 
 
 def _mask_piece_bytes(gm: fx.GraphModule, symbols: set, seq_len: int, tile: int, key_tiles: int = 1) -> int:
@@ -1285,7 +1351,11 @@ def _fit_profile(gm: fx.GraphModule, symbols: set, profile: ModelProfile, length
     profile.attention_forward_lines = _events(runs, "attention_forward")
     profile.attention_backward_lines = _events(runs, "attention_backward")
     profile.attention_backward_activation_lines = _events(runs, "attention_backward_activations")
+    if any(run["attention_recompute"] for run in runs.values()):
+        profile.attention_recompute_lines = _events(runs, "attention_recompute")
+        profile.attention_recompute_activation_lines = _events(runs, "attention_recompute_activations")
     profile.output_bytes_per_token = _chord(ns[-2], ns[-1], runs[ns[-2]]["outputs"], runs[ns[-1]]["outputs"])[1]
+    profile.kv_copied = max(run["kv_copied"] for run in runs.values())
 
 
 def _chord(a: int, b: int, ya: float, yb: float) -> list[float]:
