@@ -687,10 +687,10 @@ def _largest(fits, lo: int) -> int:
 
 
 def cache_slots(prompt: int, new_tokens: int, world_size: int) -> int:
-    """Key/value slots per rank that ``rm.generate`` allocates: ``ringify.generate.capacity_per_rank`` without
-    building the layout's positions (its largest prompt shard is ``ceil(S/W)`` in every layout; the tests check
-    that the two agree), so that searching for the longest prompt stays cheap."""
-    return _shard_tokens(prompt, world_size) + -(-max(int(new_tokens) - 1, 0) // int(world_size)) + 1
+    """Key/value slots per rank that ``rm.generate`` allocates (:func:`ringify.runtime.kv_cache.slots_per_rank`)."""
+    from .runtime.kv_cache import slots_per_rank
+
+    return slots_per_rank(prompt, new_tokens, world_size)
 
 
 def _kv_bytes_per_slot(profile: ModelProfile) -> int:

@@ -14,7 +14,6 @@ same ones. See :mod:`ringify.passes.inference` for the graphs and :mod:`ringify.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 
 import sympy
@@ -195,7 +194,7 @@ def generate(rm, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask
                          f"positions, but {type(model).__name__} takes at most {graphs.max_positions}. Hint: "
                          f"max_new_tokens <= {graphs.max_positions - prompt + 1}.")
     warpers = _warpers(model, do_sample, temperature, top_k, top_p)
-    cache = kv_cache.ShardedKVCache(rm.group, capacity_per_rank(prompt, max_new_tokens, rm.world_size, rm.layout))
+    cache = kv_cache.ShardedKVCache(rm.group, kv_cache.slots_per_rank(prompt, max_new_tokens, rm.world_size))
     unfinished = torch.ones(batch, dtype=torch.bool, device=ids.device)
     eos_t = torch.tensor(eos, dtype=ids.dtype, device=ids.device)
     scores_out = []
@@ -230,11 +229,6 @@ def generate(rm, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask
     rm._last_cache_bytes = cache.nbytes()
     sequences = ids[:, :length].clone()
     return (sequences, tuple(scores_out)) if output_scores else sequences
-
-
-def capacity_per_rank(prompt: int, new_tokens: int, world: int, layout: str) -> int:
-    """Cache slots a rank needs: its share of the prompt, then of the decoded tokens (fewest-first keeps them even)."""
-    return -(-prompt // world) + math.ceil(max(new_tokens - 1, 0) / world) + 1  # every layout: <= ceil(S/W) each
 
 
 # ------------------------------------------------------------------------------------------ HF semantics

@@ -24,6 +24,12 @@ from .comm import all_gather_tensor, default_timeout, rank_and_size, resolve_gro
 from .layout import layout_positions, shard_lengths
 
 
+def slots_per_rank(prompt: int, new_tokens: int, world: int) -> int:
+    """Cache slots a rank needs: its share of the prompt (ceil(S/W) at most, in every layout), then of the decoded
+    tokens (the last one is never run; fewest-first keeps the shares even), and one to spare."""
+    return -(-int(prompt) // int(world)) + -(-max(int(new_tokens) - 1, 0) // int(world)) + 1
+
+
 class ShardedKVCache:
     """This rank's keys and values of every attention layer (``[B, H_kv, capacity, D]`` each) and their global
     positions, sorted: the prompt's under the ring's layout, then the decoded tokens this rank took."""

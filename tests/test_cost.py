@@ -460,10 +460,16 @@ def test_predicted_memory_matches_gloo_measurement(ranks, kind, outputs, checkpo
 
 
 def test_cache_slots_are_what_rm_generate_allocates():
-    """cost.cache_slots (closed form: the largest prompt shard is ceil(S/W) in every layout) equals
-    generate.capacity_per_rank (which builds the layout's positions) for odd and even lengths, any W."""
+    """cost.cache_slots (closed form: the largest prompt shard is ceil(S/W) in every layout) equals the slots
+    built from the layout's real positions (its largest shard, a share of the decoded tokens, one to spare),
+    for odd and even lengths, any W."""
+    import math
+
     from ringify.cost import cache_slots
-    from ringify.generate import capacity_per_rank
+    from ringify.runtime.layout import shard_lengths
+
+    def capacity_per_rank(prompt, new, world, layout):
+        return max(shard_lengths(prompt, world, layout)) + math.ceil(max(new - 1, 0) / world) + 1
 
     for layout in ("zigzag", "contiguous", "striped"):
         for world in (1, 2, 3, 4, 7, 8):
