@@ -9,17 +9,9 @@ instead of hand-written graph walks.
 from __future__ import annotations
 
 import networkx as nx
-import torch
 from torch import fx
 
-aten = torch.ops.aten
-
-#: Ops that only check metadata at run time; they never keep a value alive for our purposes.
-ASSERT_OPS = frozenset({aten._assert_tensor_metadata.default})
-
-
-def is_assert(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in ASSERT_OPS
+from .fx import is_assert
 
 
 def to_digraph(graph: fx.Graph) -> nx.DiGraph:

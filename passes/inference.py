@@ -23,7 +23,7 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from ..errors import UnsupportedModelError
 from ..runtime import graph_calls, kv_cache
 from ..runtime.layout import LAST
-from .where import describe, module_path, source_line
+from .fx import describe, module_path, source_line
 
 # graph calls that sum over the ranks' tokens or gather them: a decoded token is on every rank at once
 _OVER_RANKS = (graph_calls.sum_over_ranks, graph_calls.mean_over_ranks, graph_calls.cross_entropy_over_ranks,

@@ -24,7 +24,7 @@ from torch import fx
 
 from ..errors import UnsupportedModelError
 from .sequence import packet, size_expr, token_dims, value
-from .where import describe
+from .fx import describe
 
 aten = torch.ops.aten
 Q, K = "q", "k"

@@ -26,7 +26,7 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from ..errors import UnsupportedModelError
 from .graph import to_digraph
-from .where import describe
+from .fx import describe
 
 CHECKPOINT = "ringify_checkpoint"  # meta["custom"] key: the checkpoint region a node was captured in
 

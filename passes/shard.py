@@ -32,7 +32,7 @@ from ..runtime.collectives import sync_grad
 from .masks import block_mask
 from .sequence import (_VIEWS, ATTENTION, LOCAL, MIX, POSITIONS, REDUCE, TABLE, classify, has_tokens, packet,
                        token_dims, value)
-from .where import describe, module_path, source_line
+from .fx import describe, module_path, source_line
 
 aten = torch.ops.aten
 

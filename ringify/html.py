@@ -23,7 +23,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from .passes.where import module_path, source_line
+from .passes.fx import module_path, source_line
 from .report import _setup_text, _size, _time
 
 # ------------------------------------------------------------------------------------------ graph summary

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ringify import UnsupportedModelError, ringify
 from ringify.capture import capture
-from ringify.passes.where import module_path, source_line
+from ringify.passes.fx import module_path, source_line
 from ringify.verify import relative_error
 
 VOCAB, D, HEADS = 61, 32, 4
