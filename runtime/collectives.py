@@ -67,6 +67,28 @@ def sync_grad(param: torch.Tensor, group: str) -> torch.Tensor:
     return _SyncGrad.apply(param, group)
 
 
+class _OnceOverRanks(torch.autograd.Function):
+    """Identity forward; backward keeps the gradient on rank 0 only (zeros elsewhere)."""
+
+    @staticmethod
+    def forward(ctx, param, group):
+        ctx.rank = rank_and_size(resolve_group(group))[0]
+        return param.view_as(param)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad if ctx.rank == 0 else torch.zeros_like(grad)), None
+
+
+def once_over_ranks(param: torch.Tensor, group: str) -> torch.Tensor:
+    """``param`` as used by a computation every rank repeats on the same values (a head on a selected CLS
+    token, a learned scale of the loss): each rank would add the same gradient, and ``sync_grad``'s sum would
+    count it once per rank; rank 0 alone contributes it."""
+    if not (torch.is_grad_enabled() and param.requires_grad) or rank_and_size(resolve_group(group))[1] == 1:
+        return param
+    return _OnceOverRanks.apply(param, group)
+
+
 @functools.lru_cache(maxsize=64)
 def _positions(seq_len: int, group: str, layout: str, device: torch.device) -> torch.Tensor:
     rank, world = rank_and_size(resolve_group(group))
