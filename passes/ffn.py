@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import math
 import operator
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,8 +33,9 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
-from torch.fx.operator_schemas import normalize_function
 from torch.utils.checkpoint import checkpoint
+
+from .fx import common_prefix, frames, named_args, stack_path, value
 
 __all__ = ["ACTIVATIONS", "FFNMatch", "chunk_feed_forward", "chunked_ffn", "find_feed_forward",
            "symbolic_token_dim"]
@@ -108,7 +108,7 @@ def symbolic_token_dim(node: fx.Node, symbols: set | None = None) -> int | None:
     With ``symbols`` (sympy symbols of the sequence length), only sizes that mention one of them count,
     so other dynamic dims (a dynamic batch) do not make the answer ambiguous.
     """
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    val = value(node)
     if not isinstance(val, torch.Tensor):
         return None
     dims = [d for d, size in enumerate(val.shape) if isinstance(size, torch.SymInt)
@@ -142,18 +142,6 @@ class _Proj:
     spelling: str
 
 
-def _kwargs(node: fx.Node) -> dict:
-    """All arguments of an ATen call by name, defaults filled in."""
-    pair = None
-    if isinstance(node.target, torch._ops.OpOverload):
-        pair = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
-    return dict(pair.kwargs) if pair is not None else dict(enumerate(node.args)) | dict(node.kwargs)
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
 def _same_sizes(a, b) -> bool:
     return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
@@ -163,19 +151,19 @@ def _projection(node: fx.Node) -> _Proj | None:
     if node.op != "call_function":
         return None
     if node.target is aten.linear.default:
-        kw = _kwargs(node)
+        kw = named_args(node)
         if not isinstance(kw["input"], fx.Node):
             return None
         return _Proj(kw["input"], kw["weight"], kw["bias"], node, [node], "linear")
     mm = node.args[0] if node.target in _VIEWS else None
     if not (isinstance(mm, fx.Node) and mm.target is aten.addmm.default):
         return None
-    kw = _kwargs(mm)
+    kw = named_args(mm)
     flat = kw["mat1"]
     if kw["beta"] != 1 or kw["alpha"] != 1 or not (isinstance(flat, fx.Node) and flat.target in _VIEWS):
         return None
     x = flat.args[0]
-    xv, fv, ov, wv = _val(x), _val(flat), _val(node), _val(kw["mat2"])
+    xv, fv, ov, wv = value(x), value(flat), value(node), value(kw["mat2"])
     if not all(isinstance(v, torch.Tensor) for v in (xv, fv, ov, wv)) or xv.dim() < 2 or fv.dim() != 2:
         return None
     if not (_same_sizes(fv.shape[1:], xv.shape[-1:]) and _same_sizes(ov.shape, (*xv.shape[:-1], wv.shape[-1]))):
@@ -185,7 +173,7 @@ def _projection(node: fx.Node) -> _Proj | None:
 
 def _skip_identity_dropout(node, absorbed: list) -> fx.Node:
     while isinstance(node, fx.Node) and node.target is aten.dropout.default:
-        kw = _kwargs(node)
+        kw = named_args(node)
         if kw["train"] and kw["p"] != 0:
             break
         absorbed.append(node)
@@ -194,7 +182,7 @@ def _skip_identity_dropout(node, absorbed: list) -> fx.Node:
 
 
 def _signature(node: fx.Node):
-    kw = _kwargs(node)
+    kw = named_args(node)
     return node.target, tuple(sorted(((str(k), "<node>" if isinstance(v, fx.Node) else repr(v)) for k, v in kw.items())))
 
 
@@ -204,7 +192,7 @@ def _as_digraph(region: list[fx.Node], start: fx.Node, end: fx.Node) -> nx.DiGra
     g.add_node(start, sig="input", end=False)
     for node in region:
         g.add_node(node, sig=_signature(node), end=node is end)
-        for name, arg in _kwargs(node).items():
+        for name, arg in named_args(node).items():
             if isinstance(arg, fx.Node):
                 names = g.edges[arg, node]["args"] if g.has_edge(arg, node) else ()
                 g.add_edge(arg, node, args=tuple(sorted(names + (name,))))
@@ -267,8 +255,8 @@ def _fused_half(node: fx.Node):
     split, index = node.args
     if not (isinstance(split, fx.Node) and split.target in (aten.chunk.default, aten.split.Tensor)):
         return None
-    val, h = _val(split), _val(split.args[0])
-    dim = _kwargs(split)["dim"]
+    val, h = value(split), value(split.args[0])
+    dim = named_args(split)["dim"]
     if not isinstance(h, torch.Tensor) or dim % h.dim() != h.dim() - 1 or len(val) != 2:
         return None
     if not statically_known_true(val[0].shape[-1] == val[1].shape[-1]):
@@ -296,7 +284,7 @@ def _match_at(down: _Proj, token_dims) -> FFNMatch | None:
                 break
     if match is None or match.proj != down.spelling:
         return None
-    inner = _val(end)
+    inner = value(end)
     match.intermediate = int(inner.shape[-1]) if isinstance(inner, torch.Tensor) else None
     return _check(match, token_dims)
 
@@ -324,7 +312,7 @@ def _gated(end, gate_branch, up_out, down, absorbed) -> FFNMatch | None:
 
 def _check(match: FFNMatch, token_dims) -> FFNMatch | None:
     """Token dim of the input known and not the feature dim; weights token-free; intermediates private."""
-    xv = _val(match.x)
+    xv = value(match.x)
     dim = token_dims(match.x)
     if not isinstance(xv, torch.Tensor) or dim is None or dim % xv.dim() == xv.dim() - 1:
         return None
@@ -341,37 +329,24 @@ def _check(match: FFNMatch, token_dims) -> FFNMatch | None:
     return match
 
 
-_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
-
-
-def _common_prefix(lists: list[list]) -> list:
-    prefix = []
-    for items in zip(*lists):
-        if any(i != items[0] for i in items):
-            break
-        prefix.append(items[0])
-    return prefix
-
-
 def _module_stack(nodes: list[fx.Node]) -> dict:
     """The nn_module_stack entries all of ``nodes`` share: the innermost module holding the block."""
-    stacks = [list(n.meta.get("nn_module_stack", {}).items()) for n in nodes]
-    return dict(_common_prefix(stacks))
+    return dict(common_prefix([list((n.meta.get("nn_module_stack") or {}).items()) for n in nodes]))
 
 
 def _summary(match: FFNMatch) -> dict:
     stack = _module_stack(match.nodes)
     # the deepest source line every node of the block comes from: where the block is written or called
-    frames = _common_prefix([_FRAME.findall(n.meta.get("stack_trace") or "") for n in match.nodes])
-    out = _val(match.output)
+    shared = common_prefix([frames(n) for n in match.nodes])
+    out = value(match.output)
     return {
         "kind": "mlp" if match.kind == "mlp" else "gated",
         "fused": match.kind == "gated_fused",
         "activation": match.activation,
         "proj": match.proj,
-        "module_path": list(stack.values())[-1][0] if stack else "",
-        "source": f"{frames[-1][0]}:{frames[-1][1]}" if frames else "",
-        "hidden": int(_val(match.x).shape[-1]),
+        "module_path": stack_path(stack),
+        "source": f"{shared[-1][0]}:{shared[-1][1]}" if shared else "",
+        "hidden": int(value(match.x).shape[-1]),
         "intermediate": match.intermediate,
         "out_features": int(out.shape[-1]) if isinstance(out, torch.Tensor) else None,
         "token_dim": match.token_dim,
@@ -403,7 +378,7 @@ def chunk_feed_forward(gm: fx.GraphModule, token_dims: Callable[[fx.Node], int |
             new = gm.graph.call_function(chunked_ffn, (m.x, *m.weights), {
                 "kind": m.kind, "activation": m.activation, "token_dim": m.token_dim,
                 "chunk_tokens": chunk_tokens, "proj": m.proj, "gate_half": m.gate_half})
-        new.meta["val"] = m.output.meta.get("val")
+        new.meta["val"] = value(m.output)
         new.meta["nn_module_stack"] = _module_stack(m.nodes)
         new.meta["stack_trace"] = m.nodes[0].meta.get("stack_trace")
         m.summary["chunk_tokens"] = chunk_tokens

@@ -100,26 +100,67 @@ def is_impure(node: fx.Node) -> bool:
     """A node DCE must keep: a module call or an op with side effects."""
     return node.op == "call_module" or (node.op == "call_function" and node.is_impure())
 
-_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+
+#: One frame of a ``stack_trace``: (file, line, function, code); the code line is absent when the source
+#: could not be read, and then the next frame is not taken for it.
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)(?:\n(?![ \t]*File ")[ \t]*(.*))?')
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+#: The ``nn_module_stack`` export's metadata hook gives a node made by a pass when its argument had none.
+_EMPTY_STACK = "_empty_nn_module_stack_from_metadata_hook"
+
+
+def common_prefix(lists) -> list:
+    """The longest list of leading items all of ``lists`` share (``[]`` for none)."""
+    prefix = []
+    for items in zip(*lists):
+        if any(i != items[0] for i in items):
+            break
+        prefix.append(items[0])
+    return prefix
+
+
+def stack_path(stack: dict | None) -> str:
+    """Qualified path of the innermost module of an ``nn_module_stack`` (``model.layers.0.self_attn``), or ''.
+
+    '' too for export's placeholder stack (a node a pass made, whose argument had no stack)."""
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    if path == _EMPTY_STACK:
+        return ""
+    # export prefixes paths with L['self'] / L__self__ in some versions
+    return re.sub(r"^L\['self'\]\.?|^L__self__\.?", "", path).replace("._modules['", ".").replace("']", "")
 
 
 def module_path(node: fx.Node) -> str:
     """Qualified path of the innermost module that ran ``node`` (``model.layers.0.self_attn``), or ''."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    # export prefixes paths with L['self'] / L__self__ in some versions
-    return re.sub(r"^L\['self'\]\.?|^L__self__\.?", "", str(path)).replace("._modules['", ".").replace("']", "")
+    return stack_path(node.meta.get("nn_module_stack"))
+
+
+def module_paths(node: fx.Node, prefix: str = "") -> list[str]:
+    """Paths of the modules that ran ``node``, outermost first, relative to the model (``prefix`` removed)."""
+    paths = []
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        path = str(path)
+        if prefix and path.startswith(prefix):
+            path = path[len(prefix):]
+        elif prefix and path + "." == prefix:
+            continue  # the wrapper's own entry
+        paths.append(path)
+    return paths
 
 
 def module_type(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
+    if not stack or list(stack.values())[-1][0] == _EMPTY_STACK:
         return ""
     kind = list(stack.values())[-1][1]
     return getattr(kind, "__name__", str(kind).rsplit(".", 1)[-1].rstrip("'>"))
+
+
+def frames(node: fx.Node) -> list[tuple[str, str, str, str]]:
+    """The frames of ``node``'s ``stack_trace``, outermost first: (file, line, function, code)."""
+    return _FRAME.findall(node.meta.get("stack_trace") or "")
 
 
 def source_line(node: fx.Node) -> str:
@@ -127,13 +168,12 @@ def source_line(node: fx.Node) -> str:
 
     The innermost frame outside torch itself: for an op inside ``nn.Conv1d`` that is the line calling
     the module (``self.conv(h)``), not ``torch/nn/modules/conv.py``."""
-    trace = node.meta.get("stack_trace") or ""
-    frames = _FRAME.findall(trace)
-    if not frames:
+    found = frames(node)
+    if not found:
         return ""
-    outside = [f for f in frames if not f[0].startswith(_TORCH_DIR)]
-    path, line, _, code = (outside or frames)[-1]
-    return f"{path}:{line} ({code.strip()})"
+    outside = [f for f in found if not f[0].startswith(_TORCH_DIR)]
+    path, line, _, code = (outside or found)[-1]
+    return f"{path}:{line} ({code.strip()})" if code.strip() else f"{path}:{line}"
 
 
 def op_name(node: fx.Node) -> str:

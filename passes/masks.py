@@ -23,8 +23,8 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedModelError
-from .sequence import packet, size_expr, token_dims, value
-from .fx import describe
+from .fx import describe, packet, value
+from .sequence import size_expr, token_dims
 
 aten = torch.ops.aten
 Q, K = "q", "k"

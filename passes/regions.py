@@ -26,7 +26,7 @@ from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from ..errors import UnsupportedModelError
 from .graph import to_digraph
-from .fx import describe
+from .fx import common_prefix, describe, module_paths
 
 CHECKPOINT = "ringify_checkpoint"  # meta["custom"] key: the checkpoint region a node was captured in
 
@@ -35,19 +35,6 @@ def checkpoint_owners(gm: fx.GraphModule) -> dict[fx.Node, int]:
     """Node -> the checkpoint region (id) it was captured in."""
     return {n: n.meta["custom"][CHECKPOINT] for n in gm.graph.nodes
             if n.op not in ("placeholder", "get_attr", "output") and CHECKPOINT in (n.meta.get("custom") or {})}
-
-
-def module_paths(node: fx.Node, prefix: str = "") -> list[str]:
-    """Paths of the modules that ran ``node``, outermost first, relative to the model (``prefix`` removed)."""
-    paths = []
-    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-        path = str(path)
-        if prefix and path.startswith(prefix):
-            path = path[len(prefix):]
-        elif prefix and path + "." == prefix:
-            continue  # the wrapper's own entry
-        paths.append(path)
-    return paths
 
 
 def module_owners(gm: fx.GraphModule, modules: list[str], prefix: str = "") -> dict[fx.Node, str]:
@@ -219,15 +206,7 @@ def outline_nested(gm: fx.GraphModule, *, checkpoints: dict[int, dict], modules:
 
 def _label(nodes, prefix: str) -> str:
     """The innermost module path that every node of a region ran in (``model.layers.3``), or ''."""
-    stacks = [module_paths(n, prefix) for n in nodes if n.meta.get("nn_module_stack")]
-    if not stacks:
-        return ""
-    common = stacks[0]
-    for s in stacks[1:]:
-        i = 0
-        while i < min(len(common), len(s)) and common[i] == s[i]:
-            i += 1
-        common = common[:i]
+    common = common_prefix([module_paths(n, prefix) for n in nodes if n.meta.get("nn_module_stack")])
     return common[-1] if common else ""
 
 

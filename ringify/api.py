@@ -21,6 +21,7 @@ from .capture import capture, sequence_length, signature
 from .errors import UnsupportedModelError
 from .passes.attention import canonicalize_attention
 from .passes.ffn import chunk_feed_forward, find_feed_forward, symbolic_token_dim
+from .passes.fx import value
 from .passes.regions import mark_checkpoints, module_owners, outline_nested, repeated_layers
 from .passes.shard import shard_graph
 from .report import Report, add_mask_structures, build_report
@@ -296,7 +297,7 @@ def gathered_outputs(captured, report: Report, seq_len: int) -> list[tuple[str, 
     gathered = {o["node"] for o in report.outputs if "gathered_dim" in o}
     out = []
     for node in captured.graph_module.graph.nodes:
-        val = node.meta.get("val")
+        val = value(node)
         if node.name in gathered and isinstance(val, torch.Tensor):
             shape = tuple(_at_length(d, captured.symbols, seq_len) for d in val.shape)
             out.append((node.name, shape, math.prod(shape) * val.element_size()))
@@ -369,7 +370,7 @@ def complete_report(report: Report, model, captured, new: fx.GraphModule, hardwa
 
 def _batch_size(captured) -> int:
     for node in captured.graph_module.graph.nodes:
-        val = node.meta.get("val")
+        val = value(node)
         if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() >= 2:
             return int(val.shape[0]) if not isinstance(val.shape[0], torch.SymInt) else 1
     return 1

@@ -37,6 +37,7 @@ from torch.fx import traceback as fx_traceback
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .errors import UnsupportedModelError
+from .passes.fx import fetch_attr, value
 from .passes.regions import CHECKPOINT
 
 
@@ -310,8 +311,8 @@ def from_program(program, seq_len: int, seq_dim: int = 1, flat: bool = False) ->
     inline_no_grad_regions(gm)
     symbols: set = set()
     for node in gm.graph.nodes:
-        if node.op == "placeholder" and isinstance(node.meta.get("val"), torch.Tensor):
-            val = node.meta["val"]
+        val = value(node)
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
             if val.dim() > seq_dim and isinstance(val.shape[seq_dim], torch.SymInt):
                 symbols |= val.shape[seq_dim].node.expr.free_symbols
     return Captured(gm, symbols, seq_len, flat, program=program)
@@ -329,7 +330,7 @@ def inline_no_grad_regions(gm: fx.GraphModule) -> None:
         if node.op != "call_function" or node.target is not hop or node.args[0] is not False:
             continue
         inputs = node.args[2:]
-        if any(getattr(i.meta.get("val"), "requires_grad", False) for i in inputs if isinstance(i, fx.Node)):
+        if any(getattr(value(i), "requires_grad", False) for i in inputs if isinstance(i, fx.Node)):
             continue
         body = getattr(gm, node.args[1].target)
         env: dict[fx.Node, object] = {}
@@ -502,7 +503,7 @@ def capture_symbolic_trace(model: torch.nn.Module, args: tuple, kwargs: dict, se
             while target in attrs:
                 target = "_" + target
             env[node].target = target
-            attrs[target] = _fetch_attr(traced_aten, node.target)
+            attrs[target] = fetch_attr(traced_aten, node.target)
     _drop_no_grad_toggles(graph, leaf_grad)
     gm = fx.GraphModule(attrs, graph, class_name=type(model).__name__)
     gm.graph.eliminate_dead_code()
@@ -510,7 +511,7 @@ def capture_symbolic_trace(model: torch.nn.Module, args: tuple, kwargs: dict, se
 
     symbols: set = set()
     for node in gm.graph.nodes:
-        val = node.meta.get("val")
+        val = value(node)
         if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() > seq_dim:
             if isinstance(val.shape[seq_dim], torch.SymInt):
                 symbols |= val.shape[seq_dim].node.expr.free_symbols
@@ -543,13 +544,6 @@ def _input_names(model: torch.nn.Module, args, kwargs) -> list[str]:
     for key, x in kwargs.items():
         names += [key] * sum(isinstance(t, torch.Tensor) for t in tree_flatten(x)[0])
     return names
-
-
-def _fetch_attr(module: torch.nn.Module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _flatten_output(out) -> tuple[list, Callable]:

@@ -136,7 +136,7 @@ def read_live_parameters(gm: fx.GraphModule, model: nn.Module, parameter_paths: 
         with gm.graph.inserting_before(node):
             read = gm.graph.call_module(LIVE, (path,))
         read.meta = dict(node.meta)
-        # inside every FSDP2 module above the parameter, outermost first: regions.module_paths reads this
+        # inside every FSDP2 module above the parameter, outermost first: fx.module_paths reads this
         read.meta["nn_module_stack"] = {f"ringify_owner_{i}": (prefix + p, type(modules[p]))
                                         for i, p in enumerate(owners)}
         node.replace_all_uses_with(read)

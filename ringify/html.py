@@ -23,7 +23,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from .passes.fx import module_path, source_line
+from .passes.fx import common_prefix, module_path, packet, source_line, value
 from .report import _setup_text, _size, _time
 
 # ------------------------------------------------------------------------------------------ graph summary
@@ -79,7 +79,7 @@ def _target_name(node: fx.Node) -> str:
 def _node_kind(node: fx.Node) -> str | None:
     """The kind of an fx node in the picture, or None for nodes the picture leaves out."""
     if node.op == "placeholder":
-        val = node.meta.get("val")
+        val = value(node)
         return None if val is not None and not _has_tensor(val) else "input"
     if node.op == "output":
         return "output"
@@ -95,7 +95,7 @@ def _node_kind(node: fx.Node) -> str | None:
     text = str(node.target)
     if "assert" in text or "sym_size" in text or "sym_constrain" in text:
         return None
-    val = node.meta.get("val")
+    val = value(node)
     if val is not None and not _has_tensor(val):
         return None  # shape arithmetic on symbolic sizes
     return "local"
@@ -111,7 +111,7 @@ def _has_tensor(val) -> bool:
 
 def _shape(node: fx.Node) -> str:
     """``[2, S, 32]``: the value's shape, with symbolic sizes (the sequence) written S."""
-    val = node.meta.get("val")
+    val = value(node)
     if isinstance(val, torch.Tensor):
         return re.sub(r"\bs\d+\b", "S", "[" + ", ".join(str(s) for s in val.shape) + "]")
     return ""
@@ -130,28 +130,10 @@ def _group_path(path: str, granularity: str) -> str:
     return ".".join(parts[:keep])
 
 
-def _path(node: fx.Node) -> str:
-    """The module path of ``node``; '' for none (or export's placeholder ``_empty_nn_module_stack...``)."""
-    path = module_path(node)
-    return "" if path.startswith("_") else path
-
-
-def _inferred_path(node: fx.Node) -> str:
-    """A kept node's module path; ringify's own calls have none, so take a consumer's, else a producer's."""
-    for other in [node] + list(node.users) + node.all_input_nodes:
-        path = _path(other)
-        if path:
-            return path
-    return ""
-
-
-def _inferred_source(node: fx.Node) -> str:
-    """A kept node's source line, else its first consumer's or producer's that has one."""
-    for other in [node] + list(node.users) + node.all_input_nodes:
-        line = source_line(other)
-        if line:
-            return line
-    return ""
+def _inferred(read, node: fx.Node) -> str:
+    """``read(node)`` (module path, source line) of a kept node; ringify's own calls have none, so else the
+    first consumer's, else producer's that has one."""
+    return next((found for other in [node, *node.users, *node.all_input_nodes] if (found := read(other))), "")
 
 
 def _kept_label(node: fx.Node, kind: str, name: str) -> str:
@@ -240,7 +222,7 @@ def graph_summary(gm: fx.GraphModule, max_nodes: int = 80) -> dict:
 
 
 def _contract(graph: nx.DiGraph, kinds: dict, names: dict, stage: dict, granularity: str) -> dict:
-    paths = {n: (_inferred_path(n) if kinds[n] not in ("local", "full") else _path(n)) for n in graph}
+    paths = {n: (_inferred(module_path, n) if kinds[n] not in ("local", "full") else module_path(n)) for n in graph}
     key: dict[fx.Node, str] = {}
     for node in graph:
         if kinds[node] in ("local", "full"):
@@ -293,7 +275,7 @@ def _contract(graph: nx.DiGraph, kinds: dict, names: dict, stage: dict, granular
             ops = Counter([names[head] or head.op])
             module = "" if kind in ("input", "output") else paths[head]
             label = _kept_label(head, kind, names[head])
-            source = _inferred_source(head) if kind not in ("input", "output") else ""
+            source = _inferred(source_line, head) if kind not in ("input", "output") else ""
             shape = _shape(head)
         nodes.append({"id": k, "kind": kind, "label": label, "module": module, "source": source,
                       "ops": len(group), "op_counts": dict(ops.most_common(6)),
@@ -308,23 +290,12 @@ def _contract(graph: nx.DiGraph, kinds: dict, names: dict, stage: dict, granular
 
 
 def _op_short(node: fx.Node) -> str:
-    target = node.target
-    packet = getattr(target, "overloadpacket", None)
-    if packet is not None:
-        return packet.__name__
-    return getattr(target, "__name__", str(target))
+    op = packet(node)
+    return getattr(op, "__name__", str(op))
 
 
 def _common_path(paths: list[str]) -> str:
-    split = [p.split(".") for p in paths if p]
-    if not split:
-        return ""
-    common = []
-    for parts in zip(*split):
-        if len(set(parts)) != 1:
-            break
-        common.append(parts[0])
-    return ".".join(common)
+    return ".".join(common_prefix([p.split(".") for p in paths if p]))
 
 
 # ------------------------------------------------------------------------------------------------ pictures
