@@ -10,14 +10,11 @@ gradient within 1e-5 (fp32), in eval and train mode. The models it must refuse a
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from ringify import UnsupportedModelError, ringify
-from ringify.verify import relative_error, worst_grad_error
-from zoo import REFUSE, ZOO
+from zoo import REFUSE, ZOO, check_same_function
 
 SEQ_PER_RANK = 4
 # the rewrites the zoo alone exercises (soft-cap, expert layers, fused-qkv indexing), also on 1 and 4 ranks
@@ -27,21 +24,7 @@ QUICK = {"tiny_gpt", "einsum_encoder", "llama_sdpa_padded"}
 
 
 def check_zoo_model(name: str, seed: int, seq_len: int, train: bool) -> dict:
-    zm = ZOO[name](train=train)
-    args, kwargs = zm.make_inputs(seed, seq_len)
-    reference = copy.deepcopy(zm.model)
-    ref = reference(*args, **kwargs)
-    ref.loss.backward()
-
-    out = ringify(zm.model, ffn_chunk_tokens=3)(*args, **kwargs)
-    out.loss.backward()
-    errors = {"logits": relative_error(out.logits, ref.logits), "loss": relative_error(out.loss, ref.loss)}
-    ref_params = dict(reference.named_parameters())
-    for n, p in zm.model.named_parameters():
-        assert ref_params[n].grad is None or p.grad is not None, f"{name}: no gradient for {n}"
-    errors["grad"], worst_param = worst_grad_error(zm.model, reference)
-    assert max(errors.values()) < 1e-5, (name, worst_param, errors)
-    return errors
+    return check_same_function(ZOO[name](train=train), seed, seq_len, ffn_chunk_tokens=3)
 
 
 def _params(names, world_sizes):

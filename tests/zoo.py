@@ -568,3 +568,481 @@ _HF = {"llama_sdpa", "llama_eager", "llama_sdpa_padded", "llama_packed", "gpt2_e
 ZOO: dict[str, Callable[..., ZooModel]] = {
     name: b for name, b in _ZOO_CANDIDATES.items() if transformers is not None or name not in _HF
 }
+
+
+# =============================================================================== round 2
+#
+# Families whose attention is not plain scaled-dot-product attention over one sequence, built and
+# checked like the zoo above but kept out of ``ZOO`` until the passes support them: ``ROUND2`` (name ->
+# builder). Each builder bends the feature under test so that dropping it fails a 1e-5 check, and
+# ``ROUND2_FEATURE_OFF`` (name -> function that switches the feature off in place) lets a test prove it.
+# ``check_same_function`` is the check every ring test runs (tests/test_relatives.py, test_zoo_round2.py).
+
+
+def check_same_function(zm: ZooModel, seed: int, seq_len: int, ffn_chunk_tokens: int = 3) -> dict:
+    """Ringify ``zm.model`` on the current process group and compare it with a copy run whole.
+
+    Logits, loss and every parameter gradient must agree within 1e-5 relative error; a parameter that
+    has a gradient in the reference must have one in the ring. Returns the errors.
+    """
+    import copy
+
+    from ringify import ringify
+    from ringify.verify import relative_error, worst_grad_error
+
+    args, kwargs = zm.make_inputs(seed, seq_len)
+    reference = copy.deepcopy(zm.model)
+    ref = reference(*args, **kwargs)
+    ref.loss.backward()
+
+    out = ringify(zm.model, ffn_chunk_tokens=ffn_chunk_tokens)(*args, **kwargs)
+    out.loss.backward()
+    errors = {"logits": relative_error(out.logits, ref.logits), "loss": relative_error(out.loss, ref.loss)}
+    ref_params = dict(reference.named_parameters())
+    for n, p in zm.model.named_parameters():
+        assert ref_params[n].grad is None or p.grad is not None, f"{zm.name}: no gradient for {n}"
+    errors["grad"], worst_param = worst_grad_error(zm.model, reference)
+    assert max(errors.values()) < 1e-5, (zm.name, worst_param, errors)
+    return errors
+
+
+@torch.no_grad()
+def _scale_params(model: nn.Module, suffix: str, factor: float) -> None:
+    """Multiply every parameter whose name ends with ``suffix`` by ``factor`` (to bend a feature)."""
+    hit = [p.mul_(factor) for n, p in model.named_parameters() if n.endswith(suffix)]
+    assert hit, f"no parameter ends with {suffix!r}"
+
+
+# ------------------------------------------------------------------------------- round 2: HuggingFace
+
+
+def _deepseek_v3_cfg(moe: bool):
+    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=256,
+                q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1,
+                moe_intermediate_size=HIDDEN // 2, first_k_dense_replace=1 if moe else LAYERS,
+                attention_dropout=0.0, attn_implementation="sdpa", initializer_range=0.1)
+
+
+def deepseek_v3(train: bool = False, moe: bool = True) -> ZooModel:
+    """DeepseekV3ForCausalLM: multi-head latent attention (q/kv low-rank + RMSNorm, a shared rotary key part,
+    interleaved RoPE), qk head dim 8 + 4 = 12 but v head dim 6; layer 1 a dropless MoE (sigmoid router,
+    top-2 of 4 routed experts + a shared expert), or all dense. The rotary part of q and k is scaled up
+    (x4 on kv_a_proj's rotary rows and q_b_proj's rotary columns) so positions bend the scores."""
+    model = _hf("DeepseekV3ForCausalLM", "DeepseekV3Config", train, **_deepseek_v3_cfg(moe))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.kv_a_proj_with_mqa.weight[attn.kv_lora_rank:] *= 4.0
+            q_b = attn.q_b_proj.weight.view(HEADS, attn.qk_head_dim, -1)
+            q_b[:, attn.qk_nope_head_dim:] *= 4.0
+    return ZooModel("deepseek_v3_mla_moe" if moe else "deepseek_v3_mla_dense", model, _causal_lm_inputs)
+
+
+def _deepseek_rope_off(model):
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.kv_a_proj_with_mqa.weight[layer.self_attn.kv_lora_rank:] = 0
+
+
+def gpt_oss(train: bool = False) -> ZooModel:
+    """GptOssForCausalLM (eager): a learned per-head attention sink (an extra logit in the softmax that
+    takes probability mass and no value), sliding window 3 on layer 0 and full attention on layer 1,
+    MoE top-2 of 4 experts with a clamped SwiGLU on every layer, YaRN RoPE (factor 8 over 32 positions).
+    Sinks drawn N(1, 1) (not N(0, 0.02)) so they absorb a visible share of every row."""
+    model = _hf("GptOssForCausalLM", "GptOssConfig", train,
+                **_decoder_cfg(head_dim=HIDDEN // HEADS, sliding_window=3, num_local_experts=4,
+                               num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"],
+                               attn_implementation="eager", router_aux_loss_coef=0.0,
+                               rope_parameters=dict(rope_type="yarn", factor=8.0, beta_fast=32.0, beta_slow=1.0,
+                                                    truncate=False, original_max_position_embeddings=32,
+                                                    rope_theta=150000.0)))
+    with torch.no_grad():
+        g = _gen(1)
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(torch.randn(HEADS, generator=g) + 1.0)
+    return ZooModel("gpt_oss_sinks_swa_moe", model, _causal_lm_inputs)
+
+
+def llama4_text(train: bool = False) -> ZooModel:
+    """Llama4ForCausalLM (text only): layer 0 RoPE (complex, view_as_complex) + L2 qk-norm with chunked
+    causal attention (chunks of 3 tokens), layer 1 NoPE with full causal attention and the position-wise
+    attention temperature (floor_scale 2, attn_scale 0.5: the query scale grows with the position);
+    layer 1 a MoE (sigmoid router top-1 of 4 + a shared expert, every expert run on every token)."""
+    model = _hf("Llama4ForCausalLM", "Llama4TextConfig", train,
+                **_decoder_cfg(head_dim=HIDDEN // HEADS, intermediate_size_mlp=2 * HIDDEN,
+                               intermediate_size=HIDDEN, num_local_experts=4, num_experts_per_tok=1,
+                               moe_layers=[1], no_rope_layers=[1, 0], attention_chunk_size=3,
+                               attn_temperature_tuning=True, floor_scale=2, attn_scale=0.5,
+                               router_aux_loss_coef=0.0, initializer_range=0.1))
+    return ZooModel("llama4_chunked_nope_moe", model, _causal_lm_inputs)
+
+
+class T5EncoderTagger(nn.Module):
+    """T5EncoderModel + a linear token-classification head; the loss is cross-entropy with -100 labels."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int = 8):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.d_model, n_classes)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        logits = self.head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return LMOutput(logits, loss)
+
+
+def _t5_cfg():
+    return dict(vocab_size=VOCAB, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=2 * HIDDEN, num_layers=LAYERS,
+                num_heads=HEADS, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                dropout_rate=0.0, feed_forward_proj="gated-gelu", attn_implementation="sdpa")
+
+
+def _t5_encoder_inputs(seed, seq_len, n_classes=8):
+    g = _gen(seed)
+    keep = _scattered_padding(g, seq_len)
+    labels = torch.randint(0, n_classes, (BATCH, seq_len), generator=g)
+    labels[(torch.rand(BATCH, seq_len, generator=g) < 0.15) | (keep == 0)] = -100
+    labels[:, 0] = torch.randint(0, n_classes, (BATCH,), generator=g)
+    if seq_len > 2:
+        labels[:, -1] = -100
+    return (), dict(input_ids=_ids(g, seq_len), attention_mask=keep, labels=labels)
+
+
+def t5_encoder(train: bool = False) -> ZooModel:
+    """T5EncoderModel + tagging head: bidirectional attention with T5's bucketed relative position bias
+    (8 buckets, max distance 16, shared by the layers, added to the scores; no 1/sqrt(d) scaling) and a
+    scattered padding mask. The bias table is scaled x10 so relative positions bend the scores."""
+    model = _hf("T5EncoderModel", "T5Config", train, **_t5_cfg())
+    _scale_params(model, "relative_attention_bias.weight", 10.0)
+    torch.manual_seed(1)
+    tagger = T5EncoderTagger(model).train(train)
+    return ZooModel("t5_encoder_relbias_padded", tagger, _t5_encoder_inputs)
+
+
+def _t5_seq2seq_inputs(seed, seq_len):
+    """Source ids + padding mask, and target labels (-100 somewhere, never the first): the decoder's
+    inputs are the labels shifted right inside the model. Source and target are both ``seq_len`` long."""
+    g = _gen(seed)
+    keep = _scattered_padding(g, seq_len)
+    labels = torch.randint(2, VOCAB, (BATCH, seq_len), generator=g)
+    drop = torch.rand(BATCH, seq_len, generator=g) < 0.15
+    if seq_len > 2:
+        drop[torch.arange(BATCH), torch.randint(1, seq_len, (BATCH,), generator=g)] = True
+    drop[:, 0] = False
+    labels[drop] = -100
+    return (), dict(input_ids=_ids(g, seq_len), attention_mask=keep, labels=labels, use_cache=False,
+                    return_dict=True)
+
+
+def t5_seq2seq(train: bool = False) -> ZooModel:
+    """T5ForConditionalGeneration with labels: encoder (bidirectional, padded, relative bias), decoder
+    (causal self-attention with its own unidirectional relative bias, cross-attention to the encoder
+    with the source padding mask), decoder inputs = labels shifted right (-100 -> pad), tied head scaled
+    by d_model**-0.5. Both bias tables scaled x10."""
+    model = _hf("T5ForConditionalGeneration", "T5Config", train, **_t5_cfg(), decoder_start_token_id=0)
+    _scale_params(model, "relative_attention_bias.weight", 10.0)
+    return ZooModel("t5_seq2seq_relbias", model, _t5_seq2seq_inputs)
+
+
+def bloom(train: bool = False) -> ZooModel:
+    """BloomForCausalLM: ALiBi (per-head slopes times the key position from the attention mask's cumsum)
+    added through ``baddbmm``, fused qkv, embedding LayerNorm, right-padded rows. The slopes for 4 heads
+    are 1/4 ... 1/256 times distances up to the sequence length: they bend the scores as they are."""
+    model = _hf("BloomForCausalLM", "BloomConfig", train, vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS,
+                n_head=HEADS, hidden_dropout=0.0, attention_dropout=0.0, initializer_range=0.1)
+    return ZooModel("bloom_alibi_padded", model, partial(_causal_lm_inputs, padded=True))
+
+
+# ------------------------------------------------------------------------------- round 2: hand-written
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0) -> torch.Tensor:
+    """torchtitan's complex rotary table: ``[end, dim // 2]`` complex64, ``polar(1, t * freq)``."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    t = torch.arange(end, dtype=torch.float32)
+    freqs = torch.outer(t, freqs)
+    return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def apply_rotary_emb(xq, xk, freqs_cis):
+    """torchtitan's complex RoPE: pairs of features as complex numbers times the table ([S, D/2] -> [1, S, 1, D/2])."""
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    freqs_cis = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+class TitanAttention(nn.Module):
+    def __init__(self, d, heads, kv_heads):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d // heads
+        self.wq = nn.Linear(d, heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(d, kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d, kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(heads * self.head_dim, d, bias=False)
+
+    def forward(self, x, freqs_cis):
+        B, S, _ = x.shape
+        xq = self.wq(x).view(B, S, self.heads, self.head_dim)
+        xk = self.wk(x).view(B, S, self.kv_heads, self.head_dim)
+        xv = self.wv(x).view(B, S, self.kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        rep = self.heads // self.kv_heads  # torchtitan's repeat_kv
+        xk = xk[:, :, :, None, :].expand(B, S, self.kv_heads, rep, self.head_dim).reshape(B, S, self.heads, -1)
+        xv = xv[:, :, :, None, :].expand(B, S, self.kv_heads, rep, self.head_dim).reshape(B, S, self.heads, -1)
+        xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))
+        out = F.scaled_dot_product_attention(xq, xk, xv, is_causal=True)
+        return self.wo(out.transpose(1, 2).contiguous().view(B, S, -1))
+
+
+class TitanBlock(nn.Module):
+    def __init__(self, d, heads, kv_heads, ffn):
+        super().__init__()
+        self.attention = TitanAttention(d, heads, kv_heads)
+        self.attention_norm, self.ffn_norm = RMSNorm(d), RMSNorm(d)
+        self.w1, self.w3 = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x, freqs_cis):
+        x = x + self.attention(self.attention_norm(x), freqs_cis)
+        h = self.ffn_norm(x)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+class TitanLlama(nn.Module):
+    """A torchtitan-style Llama: ``freqs_cis`` (complex) a non-persistent buffer of ``max_len`` rows,
+    sliced ``[0:S]`` in forward; complex RoPE; GQA by expand/reshape; causal SDPA; CE loss on labels
+    that are already shifted (torchtitan's dataloader shifts them)."""
+
+    def __init__(self, d=HIDDEN, heads=HEADS, kv_heads=2, layers=LAYERS, max_len=256, rope_theta=100.0):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(VOCAB, d)
+        self.register_buffer("freqs_cis", precompute_freqs_cis(d // heads, max_len, rope_theta), persistent=False)
+        self.layers = nn.ModuleList(TitanBlock(d, heads, kv_heads, 2 * d) for _ in range(layers))
+        self.norm = RMSNorm(d)
+        self.output = nn.Linear(d, VOCAB, bias=False)
+
+    def forward(self, tokens, labels=None):
+        S = tokens.shape[1]
+        h = self.tok_embeddings(tokens)
+        freqs_cis = self.freqs_cis[0:S]
+        for layer in self.layers:
+            h = layer(h, freqs_cis)
+        logits = self.output(self.norm(h))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return LMOutput(logits, loss)
+
+
+def _token_label_inputs(seed, seq_len, ids_name="tokens", labels_name="labels"):
+    """Random ids and random (already aligned) labels, ~15% -100 and >= 1 per row, token 0's label real."""
+    g = _gen(seed)
+    ids = _ids(g, seq_len)
+    return (), {ids_name: ids, labels_name: _causal_labels(g, seq_len)}
+
+
+def titan_llama(train: bool = False) -> ZooModel:
+    """Hand-written torchtitan Llama with complex RoPE (theta 100 so the rotation turns fast over a few tokens)."""
+    torch.manual_seed(0)
+    model = TitanLlama().train(train)
+    return ZooModel("titan_llama_complex_rope", model, _token_label_inputs)
+
+
+def _titan_rope_off(model):
+    model.freqs_cis.copy_(torch.ones_like(model.freqs_cis))
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ViTEncoder(nn.Module):
+    """A timm-style ViT over pre-patchified features: ``[B, S, F]`` -> linear patch embedding -> a learned
+    CLS token prepended (``torch.cat`` over the sequence: S + 1 tokens) -> learned position embedding
+    -> non-causal SDPA blocks -> ``head(x[:, 0])``: class logits [B, C] and cross-entropy on ``labels [B]``."""
+
+    def __init__(self, feat=12, d=HIDDEN, heads=HEADS, layers=LAYERS, n_classes=10, max_len=257):
+        super().__init__()
+        self.patch_embed = nn.Linear(feat, d)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.randn(1, max_len, d) * 0.5)
+        self.blocks = nn.ModuleList(ViTBlock(d, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, n_classes)
+
+    def forward(self, patches, labels=None):
+        B, S, _ = patches.shape
+        x = self.patch_embed(patches)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        x = x + self.pos_embed[:, : S + 1]
+        for blk in self.blocks:
+            x = blk(x)
+        logits = self.head(self.norm(x)[:, 0])
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return LMOutput(logits, loss)
+
+
+def vit_cls(train: bool = False) -> ZooModel:
+    """Hand-written ViT: CLS token concatenated in front, learned positions (std 0.5, so they bend), pooled head."""
+    torch.manual_seed(0)
+    model = ViTEncoder().train(train)
+
+    def make_inputs(seed, seq_len):
+        g = _gen(seed)
+        return (torch.randn(BATCH, seq_len, 12, generator=g), torch.randint(0, 10, (BATCH,), generator=g)), {}
+
+    return ZooModel("vit_cls_token", model, make_inputs)
+
+
+class ShiftedLossLM(nn.Module):
+    """A causal LM that shifts in the loss: ``F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:]
+    .reshape(-1))`` with full-length logits. With ``keep_last=k`` it computes the head on
+    ``hidden[:, -k:]`` only (HF's ``logits_to_keep``) and the loss on those k positions' next tokens."""
+
+    def __init__(self, d=HIDDEN, heads=HEADS, layers=LAYERS, max_len=256, keep_last: int = 0):
+        super().__init__()
+        self.keep_last = keep_last
+        self.wte, self.wpe = nn.Embedding(VOCAB, d), nn.Embedding(max_len, d)
+        self.blocks = nn.ModuleList(_CausalSDPABlock(d, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, VOCAB, bias=False)
+
+    def forward(self, input_ids, labels=None):
+        S = input_ids.shape[1]
+        x = self.wte(input_ids) + self.wpe(torch.arange(S, device=input_ids.device))
+        for blk in self.blocks:
+            x = blk(x)
+        hidden = self.norm(x)
+        if self.keep_last:
+            hidden = hidden[:, -self.keep_last:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            k = logits.shape[1]
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, S - k + 1:].reshape(-1),
+                                   ignore_index=-100)
+        return LMOutput(logits, loss)
+
+
+def _shifted_inputs(seed, seq_len, keep_last=0):
+    """Labels = the ids themselves (the model shifts), ~15% -100, >= 1 real among the ones the loss reads."""
+    g = _gen(seed)
+    ids = _ids(g, seq_len)
+    labels = ids.clone()
+    drop = torch.rand(BATCH, seq_len, generator=g) < 0.15
+    first = seq_len - keep_last + 1 if keep_last else 1  # the first label the loss reads
+    drop[:, first] = False
+    if seq_len - first > 1:
+        drop[torch.arange(BATCH), torch.randint(first + 1, seq_len, (BATCH,), generator=g)] = True
+    labels[drop] = -100
+    return (), dict(input_ids=ids, labels=labels)
+
+
+def shifted_loss_lm(train: bool = False) -> ZooModel:
+    torch.manual_seed(0)
+    return ZooModel("shifted_loss_lm", ShiftedLossLM().train(train), _shifted_inputs)
+
+
+def shifted_loss_lm_keep_last(train: bool = False, keep_last: int = 3) -> ZooModel:
+    """ShiftedLossLM with ``hidden[:, -3:]`` before the head: logits [B, 3, V], loss on the last 2 positions."""
+    torch.manual_seed(0)
+    return ZooModel("shifted_loss_lm_keep_last", ShiftedLossLM(keep_last=keep_last).train(train),
+                    partial(_shifted_inputs, keep_last=keep_last))
+
+
+# ------------------------------------------------------------------------------- round 2 registries
+
+_ROUND2_CANDIDATES: dict[str, Callable[..., ZooModel]] = {
+    "titan_llama_complex_rope": titan_llama,
+    "vit_cls_token": vit_cls,
+    "shifted_loss_lm": shifted_loss_lm,
+    "shifted_loss_lm_keep_last": shifted_loss_lm_keep_last,
+    "deepseek_v3_mla_moe": deepseek_v3,
+    "deepseek_v3_mla_dense": partial(deepseek_v3, moe=False),
+    "gpt_oss_sinks_swa_moe": gpt_oss,
+    "llama4_chunked_nope_moe": llama4_text,
+    "t5_encoder_relbias_padded": t5_encoder,
+    "t5_seq2seq_relbias": t5_seq2seq,
+    "bloom_alibi_padded": bloom,
+}
+_ROUND2_HF = {"deepseek_v3_mla_moe", "deepseek_v3_mla_dense", "gpt_oss_sinks_swa_moe", "llama4_chunked_nope_moe",
+              "t5_encoder_relbias_padded", "t5_seq2seq_relbias", "bloom_alibi_padded"}
+ROUND2: dict[str, Callable[..., ZooModel]] = {
+    name: b for name, b in _ROUND2_CANDIDATES.items() if transformers is not None or name not in _ROUND2_HF
+}
+
+
+def _params_set(suffix: str, value: float):
+    def off(model):
+        with torch.no_grad():
+            hit = [p.fill_(value) for n, p in model.named_parameters() if n.endswith(suffix)]
+        assert hit, suffix
+    return off
+
+
+def _llama4_chunks_off(model):
+    model.config.layer_types = ["full_attention"] * len(model.config.layer_types)
+
+
+def _llama4_temperature_off(model):
+    for layer in model.model.layers:
+        layer.self_attn.attn_temperature_tuning = False
+
+
+def _bloom_alibi_off(model):
+    """Zero ALiBi: patches bloom's module-level ``build_alibi_tensor`` (returns the patcher to undo it)."""
+    from unittest import mock
+
+    from transformers.models.bloom import modeling_bloom
+
+    real = modeling_bloom.build_alibi_tensor
+    patcher = mock.patch.object(modeling_bloom, "build_alibi_tensor",
+                                lambda mask, heads, dtype: real(mask, heads, dtype).zero_())
+    patcher.start()
+    return patcher
+
+
+def _vit_positions_off(model):
+    with torch.no_grad():
+        model.pos_embed.zero_()
+
+
+def _keep_everything(model):
+    model.keep_last = 0
+
+
+# name -> functions that each switch one bent feature off in the built model, in place: the loss must move
+# (tests/test_zoo_round2.py). A function may return an object with ``stop()`` that undoes a patch.
+ROUND2_FEATURE_OFF: dict[str, list[Callable[[nn.Module], object]]] = {
+    "titan_llama_complex_rope": [_titan_rope_off],
+    "vit_cls_token": [_vit_positions_off],
+    "shifted_loss_lm_keep_last": [_keep_everything],
+    "deepseek_v3_mla_moe": [_deepseek_rope_off, _params_set("mlp.experts.down_proj", 0.0)],
+    "deepseek_v3_mla_dense": [_deepseek_rope_off],
+    "gpt_oss_sinks_swa_moe": [_params_set("self_attn.sinks", -1e4),
+                              lambda m: setattr(m.config, "layer_types", ["full_attention"] * 2)],
+    "llama4_chunked_nope_moe": [_llama4_chunks_off, _llama4_temperature_off],
+    "t5_encoder_relbias_padded": [_params_set("relative_attention_bias.weight", 0.0)],
+    "t5_seq2seq_relbias": [_params_set("relative_attention_bias.weight", 0.0)],
+    "bloom_alibi_padded": [_bloom_alibi_off],
+}
