@@ -168,6 +168,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import fx
 
+from .passes.fx import fetch_attr, value
+
 __all__ = ["HARDWARE", "Hardware", "ModelProfile", "cache_slots", "cost_summary", "estimate", "generation_estimate",
            "generation_summary", "max_context", "max_prompt", "min_block_tokens", "profile_model"]
 
@@ -249,6 +251,7 @@ class ModelProfile:
     heads: int = 0
     kv_heads: int = 0
     head_dim: int = 0
+    v_head_dim: int = 0                  # the value (and output) head dim where it differs (MLA); 0 = head_dim
     hidden: int = 0
     parameters: int = 0                  # count (tied weights once)
     parameter_bytes: int = 0             # in the dtype the graph computes in (the fake runs' parameters)
@@ -460,11 +463,17 @@ def _lines(lines: list, tokens: int, scale: float) -> float:
     return max((fixed + per_token * scale * tokens for fixed, per_token in lines), default=0.0)
 
 
+def _v_dim(profile: ModelProfile) -> int:
+    """The value head dim: the output's and dV's width, and the P @ V product's (MLA's differs from q/k's)."""
+    return profile.v_head_dim or profile.head_dim
+
+
 def _ring_terms(profile: ModelProfile, local: int, world_size: int, hardware: Hardware) -> dict:
     """Bytes of the ring on one device while one attention layer runs (forward, backward, and a forward that
     backward recomputes: activation checkpointing)."""
     b, h, hkv, d, dt = profile.batch, profile.heads, profile.kv_heads, profile.head_dim, profile.dtype_bytes
-    kv_block = 2 * b * hkv * local * d  # elements of one K+V block
+    dv = _v_dim(profile)
+    kv_block = b * hkv * local * (d + dv)  # elements of one K+V block
     kind = hardware.kernel if hardware.kernel != "triton" or not profile.masked else "torch"  # CUDA: masks -> tiles
     torch_kernels = kind == "torch"
     t, pieces = _tile(profile, local)
@@ -494,15 +503,14 @@ def _ring_terms(profile: ModelProfile, local: int, world_size: int, hardware: Ha
             # does a forward recomputed in backward (the same mask arguments as that backward's find the plan)
             first = phase == "forward" and not recomputed
             evaluated = 0.0 if profile.mask_static else (chunk if first else mask)
-            return fixed + per_row * b * h * local * d * _FP32 + evaluated
+            return fixed + per_row * b * h * local * max(d, dv) * _FP32 + evaluated  # heads padded to one width
         return max(tiles * tile + row_blocks * rows, mask + carried * tile) if torch_kernels else 0.0
 
     kernel_fwd, kernel_bwd = kernel("forward"), kernel("backward")
     # the fp32 running output (forward) and dQ (backward), allocated as the op starts: beside q's dtype, or in fp32
     # the result itself (which the fake run makes only when its stub returns)
-    running = b * h * local * d * _FP32
-    state_fwd = running
-    state_bwd = running + b * h * local * _FP32 + kv_block * _FP32  # dQ, delta, the block's dK/dV
+    state_fwd = b * h * local * dv * _FP32
+    state_bwd = b * h * local * (d + 1) * _FP32 + kv_block * _FP32  # dQ, delta, the block's dK/dV
     ring = world_size > 1
     received = 1 if world_size == 2 else 2  # key/value receive buffers (runtime/ring_attention.py: _Ring.kv_buffers)
     received += profile.kv_copied  # and this rank's own block, copied to be sent when k or v is not contiguous
@@ -595,11 +603,12 @@ def _fraction(profile: ModelProfile) -> float:
 
 def _step(profile: ModelProfile, block: int, hardware: Hardware, ring: bool = True) -> tuple[int, float, float, bool]:
     """(bytes sent, compute seconds, transfer seconds, transfer hidden in every phase) of one ring step."""
-    b, h, hkv, d, dt = profile.batch, profile.heads, profile.kv_heads, profile.head_dim, profile.dtype_bytes
-    fwd_flops = 4.0 * b * h * block * block * d * _fraction(profile)
-    phases = [(fwd_flops, 2 * b * hkv * block * d * dt)]
+    b, h, hkv, dt = profile.batch, profile.heads, profile.kv_heads, profile.dtype_bytes
+    width = profile.head_dim + _v_dim(profile)  # Q K^T runs over the q/k head dim, P V over the value head dim
+    fwd_flops = 2.0 * b * h * block * block * width * _fraction(profile)
+    phases = [(fwd_flops, b * hkv * block * width * dt)]
     if profile.training:
-        phases.append((_BWD_FLOPS * fwd_flops, 2 * b * hkv * block * d * (dt + _FP32)))
+        phases.append((_BWD_FLOPS * fwd_flops, b * hkv * block * width * (dt + _FP32)))
     if not ring:
         phases = [(flops, 0) for flops, _ in phases]
     sent = sum(nbytes for _, nbytes in phases)
@@ -695,7 +704,8 @@ def cache_slots(prompt: int, new_tokens: int, world_size: int) -> int:
 
 def _kv_bytes_per_slot(profile: ModelProfile) -> int:
     """Bytes of one cache slot on a rank: the keys and values of every attention layer, in their dtype."""
-    return profile.layers * 2 * profile.batch * profile.kv_heads * profile.head_dim * profile.dtype_bytes
+    width = profile.head_dim + _v_dim(profile)
+    return profile.layers * profile.batch * profile.kv_heads * width * profile.dtype_bytes
 
 
 def _generation_memory(profile: ModelProfile, prompt: int, new_tokens: int, world_size: int,
@@ -746,9 +756,9 @@ def _decode_time(profile: ModelProfile, prompt: int, new_tokens: int, world_size
     held = _shard_tokens(prompt + new_tokens // 2, world_size)
     cache = _kv_bytes_per_slot(profile) * held
     flops = 2.0 * profile.batch * weights / per_parameter + (
-        4.0 * profile.batch * profile.heads * held * profile.head_dim * profile.layers)
+        2.0 * profile.batch * profile.heads * held * (profile.head_dim + _v_dim(profile)) * profile.layers)
     memory_s, compute_s = (weights + cache) / hardware.memory_bandwidth, flops / hardware.flops
-    message = profile.batch * profile.heads * (profile.head_dim + 1) * _FP32  # fp32 partial output and lse
+    message = profile.batch * profile.heads * (_v_dim(profile) + 1) * _FP32  # fp32 partial output and lse
     gather_s = profile.layers * (world_size - 1) * (hardware.latency + message / hardware.bandwidth)
     seconds = max(memory_s, compute_s) + gather_s
     return {"seconds_per_token": seconds, "tokens_per_second": 1.0 / seconds if seconds else 0.0,
@@ -919,16 +929,21 @@ def _attention_shapes(gm: fx.GraphModule, attention: list[dict], profile: ModelP
     nodes = _attention_nodes(gm.graph)
     profile.layers = max(len(attention or []), len(nodes))
     shapes = []
+    v_dims = []
     for node in nodes:
-        q, k = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in node.args[:2])
+        q, k, v = (value(a) for a in (*node.args[:3], None)[:3])
         if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4:
             shapes.append((_int(q.shape[0]), _int(q.shape[1]), _int(k.shape[1]), _int(q.shape[3]), q.dtype))
+        if isinstance(v, torch.Tensor) and v.dim() == 4:
+            v_dims.append(_int(v.shape[3]))
     heads = [_int(a.get("num_heads")) for a in attention or []]
     kv_heads = [_int(a.get("num_kv_heads")) or _int(a.get("num_heads")) for a in attention or []]
     dims = [_int(a.get("head_dim")) for a in attention or []]
     profile.heads = max([h for h in heads if h] + [s[1] for s in shapes if s[1]] + [0])
     profile.kv_heads = max([h for h in kv_heads if h] + [s[2] for s in shapes if s[2]] + [0]) or profile.heads
     profile.head_dim = max([d for d in dims if d] + [s[3] for s in shapes if s[3]] + [0])
+    v_dim = max([d for d in v_dims if d] + [0])
+    profile.v_head_dim = v_dim if v_dim != profile.head_dim else 0
     dtypes = [s[4] for s in shapes]
     if not dtypes:
         dtypes = [p.dtype for p in gm.parameters() if p.is_floating_point()][:1] or [torch.float32]
@@ -980,7 +995,7 @@ def _graph_causal(gm: fx.GraphModule, node: fx.Node, limit: int = 256, unread: l
             todo.extend(n.all_input_nodes)
         elif n.op == "get_attr":
             try:
-                table = _fetch(gm, n.target)
+                table = fetch_attr(gm, n.target)
             except AttributeError:
                 continue
             if isinstance(table, torch.Tensor) and table.is_meta:  # no values to read (a plan without weights)
@@ -992,13 +1007,6 @@ def _graph_causal(gm: fx.GraphModule, node: fx.Node, limit: int = 256, unread: l
                 if torch.equal(square, square.tril()) and bool(square.diagonal().all()):
                     return True
     return False
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _mask_arg(node: fx.Node):
@@ -1192,7 +1200,7 @@ def _inputs(gm: fx.GraphModule, sim: _Simulator, symbols: set, seq_len: int, tra
             sim.fetch_attr(node.target)
         if node.op != "placeholder":
             continue
-        val = node.meta.get("val")
+        val = value(node)
         if isinstance(val, torch.Tensor):
             shape = [_concrete(s, symbols, seq_len) for s in val.shape]
             with fake_mode:
@@ -1295,7 +1303,7 @@ def _masks_static(gm: fx.GraphModule, symbols: set) -> bool:
 def _graph_device(gm: fx.GraphModule) -> torch.device:
     """Where the graph's inputs live (``meta`` for a plan without weights): positions made here go there too."""
     for node in gm.graph.nodes:
-        val = node.meta.get("val")
+        val = value(node)
         if node.op == "placeholder" and isinstance(val, torch.Tensor):
             return val.device
     return torch.device("cpu")
@@ -1303,7 +1311,7 @@ def _graph_device(gm: fx.GraphModule) -> torch.device:
 
 def _batch_of(gm: fx.GraphModule) -> int:
     for node in gm.graph.nodes:
-        val = node.meta.get("val")
+        val = value(node)
         if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() >= 2:
             return _int(val.shape[0]) or 1
     return 1

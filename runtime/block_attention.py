@@ -312,13 +312,19 @@ def _masked_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, scale, c
         dk[:, :, ks : ks + kl] += torch.matmul(ds.transpose(-1, -2), q_f).mul_(scale)
 
 
-def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor], extended: bool):
+def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor], extended: bool, sinks=None):
     """One (out, lse) from partial results over disjoint key sets, in the order given (so every rank that
     merges the same list gets the same bits): the stable log-sum-exp merge of the ring, in fp32.
 
     ``outs``: normalised fp32 outputs ``[B, H, L, D]``; ``lses``: ``[B, H, L]``, or the two-part extended
     states ``[2, B, H, L]`` (row maximum, log of the sum relative to it). A part that saw no key
-    (lse -inf) weighs nothing; a row no part saw gives output 0, as the kernels do."""
+    (lse -inf) weighs nothing; a row no part saw gives output 0, as the kernels do.
+
+    ``sinks``: attention sinks (GPT-OSS), a logit per query head (``[H]``) in every row's softmax
+    denominator without a value. A sink is one more part, whose output is 0 and whose lse is ``sink_h``:
+    merged last, once, it is exact, and a row that saw no key keeps output 0."""
+    if sinks is not None:
+        outs, lses = [*outs, outs[0].new_zeros(()).expand(outs[0].shape)], [*lses, _sink_lse(sinks, lses[0], extended)]
     his = [l[0] if extended else l for l in lses]
     los = [l[1] if extended else torch.zeros_like(l) for l in lses]
     hi = torch.stack(his).amax(0)
@@ -330,6 +336,23 @@ def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor], extended:
     if extended:
         return out, torch.stack([hi, torch.log(norm)])
     return out, torch.where(total > 0, safe + torch.log(norm), float("-inf"))
+
+
+def _sink_lse(sinks: torch.Tensor, like: torch.Tensor, extended: bool) -> torch.Tensor:
+    """The state of a part that is the sink alone: lse ``sink_h`` on every row (extended: ``(sink_h, 0)``)."""
+    b, h, rows = (like[0] if extended else like).shape
+    sink = sinks.to(torch.float32).view(1, h, 1).expand(b, h, rows)
+    return torch.stack([sink, torch.zeros_like(sink)]) if extended else sink
+
+
+def sink_grad(grad_out, out, lse, sinks, extended: bool, delta=None) -> torch.Tensor:
+    """d loss / d sinks of these rows, from the output and lse *with* the sinks: the sink's probability is
+    ``exp(sink_h - lse)`` and d sink_h = -sum over batch and rows of it times ``rowsum(dO * O)`` (``delta``)."""
+    total = lse[0] + lse[1] if extended else lse
+    if delta is None:
+        delta = (grad_out.float() * out.float()).sum(-1)
+    p_sink = torch.exp(sinks.to(torch.float32).view(1, -1, 1) - total)
+    return (p_sink * delta).sum((0, 2)).neg_().to(sinks.dtype)
 
 
 DECODE_BLOCK = 16384

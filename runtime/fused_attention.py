@@ -440,11 +440,13 @@ def fused_block_forward(q, k, v, out, lse, q_pos, k_pos, *, scale: float, causal
     dims = (q.shape[0], q.shape[1])
     pieces, exact = cached_plan(plan_key, q_pos, k_pos, causal, mask_fn, fill, dims)
     backend = _BACKENDS[q.device.type]
-    q32, k32, v32 = (_as(t, backend.compute) for t in (q, k, v))
+    dv = v.shape[-1]
+    q32, k32, v32 = _widened([_as(t, backend.compute) for t in (q, k, v)], max(q.shape[-1], dv))
     for p in pieces:
         bias, empty_rows = _tile_bias(p, q_pos, k_pos, causal, mask_fn, dims)
         o, l = backend.forward(q32[:, :, p.qs:p.qs + p.ql], k32[:, :, p.ks:p.ks + p.kl], v32[:, :, p.ks:p.ks + p.kl],
                                p.kind == CAUSAL, bias, scale)
+        o = o[..., :dv]
         if empty_rows is not None:  # the fused kernel gives those rows log-sum-exp 0 (and output 0)
             l = l.masked_fill(empty_rows.expand(l.shape), float("-inf"))
         _merge(out[:, :, p.qs:p.qs + p.ql], lse[..., p.qs:p.qs + p.ql], o, l, extended)
@@ -468,6 +470,14 @@ class _LazyDelta:
 
 def _as(t: torch.Tensor, dtype) -> torch.Tensor:
     return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def _widened(tensors, width: int) -> list[torch.Tensor]:
+    """Tensors padded with zero columns to head dim ``width``. torch's fused kernels want one head dim for q,
+    k and v; with a value head dim of its own (multi-head latent attention) the narrower side is padded:
+    zero columns of q and k add exactly 0 to every score, zero columns of v give output columns of 0 (and
+    the gradients of the padding are dropped), so the sliced result is exact."""
+    return [t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in tensors]
 
 
 def _merge(out, lse, o, l, extended: bool) -> None:
@@ -516,15 +526,16 @@ def fused_block_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, *, s
     total = lse[0] + lse[1] if extended else lse
     total = torch.where(torch.isneginf(total), float("inf"), total)  # rows that saw no key: probabilities 0
     backend = _BACKENDS[q.device.type]
-    q32, k32, v32, do32, out32 = (_as(t, backend.compute) for t in (q, k, v, do, out))
+    d, d_v = q.shape[-1], v.shape[-1]
+    q32, k32, v32, do32, out32 = _widened([_as(t, backend.compute) for t in (q, k, v, do, out)], max(d, d_v))
     for p in pieces:
         rows, keys = slice(p.qs, p.qs + p.ql), slice(p.ks, p.ks + p.kl)
         bias, _ = _tile_bias(p, q_pos, k_pos, causal, mask_fn, dims)
         gq, gk, gv = backend.backward(do32[:, :, rows], q32[:, :, rows], k32[:, :, keys], v32[:, :, keys],
                                       out32[:, :, rows], total[..., rows].contiguous(), p.kind == CAUSAL, bias, scale)
-        dq[:, :, rows] += gq
-        dk[:, :, keys] += gk
-        dv[:, :, keys] += gv
+        dq[:, :, rows] += gq[..., :d]
+        dk[:, :, keys] += gk[..., :d]
+        dv[:, :, keys] += gv[..., :d_v]
     for qs, ql in exact:
         rows = slice(qs, qs + ql)
         block_attention.torch_block_backward(q[:, :, rows], k, v, do[:, :, rows], lse[..., rows], delta[..., rows],

@@ -42,10 +42,11 @@ def table_rows(table: torch.Tensor, dim: int, start, length, group: str, layout:
 
 
 def ring_attention_call(q, k, v, mask_args: list, *, mask_fn, scale: float, causal: bool, fill: float,
-                        group: str, layout: str, softcap: float = 0.0) -> torch.Tensor:
-    """Canonical attention (``ringify.passes.attention.attention``) on this rank's shards, by the ring."""
+                        group: str, layout: str, softcap: float = 0.0, sinks=None) -> torch.Tensor:
+    """Canonical attention (``ringify.passes.attention.attention``) on this rank's shards, by the ring.
+    ``sinks``: None or the per-head sink logits ``[H]`` (a parameter: the graph passes it through ``sync_grad``)."""
     return ring_attention(q, k, v, group, causal=causal, scale=scale, layout=layout, mask=mask_fn,
-                          mask_args=tuple(mask_args), fill=fill, softcap=softcap)
+                          mask_args=tuple(mask_args), fill=fill, softcap=softcap, sinks=sinks)
 
 
 def sum_over_ranks(x: torch.Tensor, dims, keepdim: bool, dtype, group: str) -> torch.Tensor:

@@ -31,7 +31,8 @@ def slots_per_rank(prompt: int, new_tokens: int, world: int) -> int:
 
 
 class ShardedKVCache:
-    """This rank's keys and values of every attention layer (``[B, H_kv, capacity, D]`` each) and their global
+    """This rank's keys and values of every attention layer (``[B, H_kv, capacity, D]`` and ``[B, H_kv, capacity,
+    Dv]``: the value head dim may differ, as in multi-head latent attention) and their global
     positions, sorted: the prompt's under the ring's layout, then the decoded tokens this rank took."""
 
     def __init__(self, group: str, capacity: int):
@@ -59,7 +60,7 @@ class ShardedKVCache:
         self.length = len(mine)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Layer ``layer``'s keys and values of this rank's prompt tokens (``[B, H_kv, n, D]``)."""
+        """Layer ``layer``'s keys and values of this rank's prompt tokens (``[B, H_kv, n, D]``, ``[.., Dv]``)."""
         if k.shape[2] != self.length:
             raise ValueError(f"layer {layer}: {k.shape[2]} keys for the {self.length} prompt tokens of rank {self.rank}")
         for table, x in ((self.keys, k), (self.values, v)):
@@ -134,9 +135,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, *, slot: str, layer: int) -> torc
 
 
 def cache_attention(q, k, v, mask_args, *, slot: str, layer: int, mask_fn: str | None, scale: float, causal: bool,
-                    fill: float, softcap: float, group: str) -> torch.Tensor:
+                    fill: float, softcap: float, group: str, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of the token being decoded (``q``: ``[B, H, 1, D]``) over the whole cache: this rank's shard,
-    then the log-sum-exp merge of every rank's partial result (the same bits on every rank)."""
+    then the log-sum-exp merge of every rank's partial result (the same bits on every rank). ``sinks``
+    (``[H]``, GPT-OSS) join the softmax once, in that merge, after every rank's part."""
     from .ring_attention import _bound_mask, _extended
 
     cache = cache_of(slot)
@@ -149,12 +151,16 @@ def cache_attention(q, k, v, mask_args, *, slot: str, layer: int, mask_fn: str |
                            mask_fn=_bound_mask(mask_fn, mask_args), fill=fill, softcap=softcap)
     pg = resolve_group(group)
     if rank_and_size(pg)[1] == 1:
+        outs, lses = [out], [lse]
+    else:
+        packed = torch.cat([out.flatten(), lse.flatten()])
+        parts = all_gather_tensor(packed, pg, default_timeout(),
+                                  f"merging layer {layer}'s decode attention over the ranks")
+        n = out.numel()
+        outs, lses = [p[:n].view(out.shape) for p in parts], [p[n:].view(lse.shape) for p in parts]
+    if len(outs) == 1 and sinks is None:
         return out.to(q.dtype)
-    packed = torch.cat([out.flatten(), lse.flatten()])
-    parts = all_gather_tensor(packed, pg, default_timeout(), f"merging layer {layer}'s decode attention over the ranks")
-    n = out.numel()
-    merged, _ = merge_partials([p[:n].view(out.shape) for p in parts], [p[n:].view(lse.shape) for p in parts],
-                               extended)
+    merged, _ = merge_partials(outs, lses, extended, sinks)
     return merged.to(q.dtype)
 
 

@@ -112,12 +112,12 @@ def _positions_on(seq_len: int, world: int, rank: int, layout: str, device: torc
 # agreement: shapes, dtypes and options must match on every rank (checked on every call, one tiny all-gather)
 
 
-def _local_problem(q, k, v, grad_out) -> str:
+def _local_problem(q, k, v, grad_out, sinks=None) -> str:
     """What is wrong with this rank's own inputs, or ''."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"q, k, v must be 4-D [B, H, S_local, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-    if k.shape != v.shape:
-        return f"k and v must have the same shape; got k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if k.shape[:3] != v.shape[:3]:
+        return f"k and v must agree in batch, heads and local length; got k {tuple(k.shape)}, v {tuple(v.shape)}"
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
         return (
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, local length and head dim "
@@ -129,32 +129,38 @@ def _local_problem(q, k, v, grad_out) -> str:
         return f"q, k, v must share one dtype of fp32, bf16, fp16; got {q.dtype}, {k.dtype}, {v.dtype}"
     if q.device != k.device or q.device != v.device:
         return f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}"
-    if grad_out is not None and grad_out.shape != q.shape:
-        return f"the gradient of the output has shape {tuple(grad_out.shape)}, expected {tuple(q.shape)}"
+    if sinks is not None and (sinks.shape != q.shape[1:2] or sinks.device != q.device
+                              or not sinks.is_floating_point()):
+        return (f"sinks must be a floating [H] = [{q.shape[1]}] tensor on {q.device}; got {sinks.dtype} "
+                f"{tuple(sinks.shape)} on {sinks.device}")
+    out_shape = (*q.shape[:3], v.shape[3])
+    if grad_out is not None and grad_out.shape != out_shape:
+        return f"the gradient of the output has shape {tuple(grad_out.shape)}, expected {out_shape}"
     return ""
 
 
 def _agree(q, k, v, group, causal: bool, layout: str, timeout_s: float, grad_out=None, mask: str = "",
-           fill: float = float("-inf"), softcap: float = 0.0) -> list[int]:
+           fill: float = float("-inf"), softcap: float = 0.0, sinks=None) -> list[int]:
     """Check that all ranks call with matching inputs; return every rank's local sequence length.
 
     One tiny all-gather per call. Every rank sees the same gathered facts and so raises the same
     error: a mistake on one rank never leaves the others hanging.
     """
     rank, world = rank_and_size(group)
-    problem = _local_problem(q, k, v, grad_out)
+    problem = _local_problem(q, k, v, grad_out, sinks)
     facts = [int(bool(problem)), 0, 0, 0, 0, 0, 0, int(causal), LAYOUTS.index(layout), int(bool(mask)),
-             _fill_bits(fill), _fill_bits(softcap)]
+             _fill_bits(fill), _fill_bits(softcap), 0, int(sinks is not None)]
     if not problem:
         b, h, s, d = q.shape
         facts[1:7] = [b, h, k.shape[1], s, d, _DTYPES.index(q.dtype)]
+        facts[12] = v.shape[3]
     gathered = all_gather_ints(facts, group, q.device, timeout_s, "checking that ranks agree on ring-attention inputs")
     if any(f[0] for f in gathered):
         problems = all_gather_strings(problem, group)
         lines = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
         raise RingInputError("ring_attention got bad input:\n  " + "\n  ".join(lines))
     names = ("", "batch", "query heads", "kv heads", "", "head dim", "dtype", "causal", "layout", "mask", "fill",
-             "softcap")
+             "softcap", "value head dim", "sinks")
     for i, name in enumerate(names):
         values = [f[i] for f in gathered]
         if name and len(set(values)) > 1:
@@ -164,6 +170,8 @@ def _agree(q, k, v, group, causal: bool, layout: str, timeout_s: float, grad_out
                 values = [LAYOUTS[x] for x in values]
             elif name == "mask":
                 values = ["a block mask" if x else "none" for x in values]
+            elif name == "sinks":
+                values = ["sinks" if x else "none" for x in values]
             elif name in ("fill", "softcap"):
                 values = [_bits_fill(x) for x in values]
             raise RingInputError(
@@ -189,14 +197,15 @@ def _agree(q, k, v, group, causal: bool, layout: str, timeout_s: float, grad_out
 class _Ring:
     """What forward and backward share: the group, the positions of every shard, the buffers."""
 
-    def __init__(self, q, k, group, causal, layout, timeout_s, lengths, fill=float("-inf")):
+    def __init__(self, q, k, v, group, causal, layout, timeout_s, lengths, fill=float("-inf")):
         self.rank, self.world = rank_and_size(group)
         self.comm = RingComm(group, timeout_s) if self.world > 1 else None
         self.skip_hidden = causal and fill == float("-inf")  # a finite fill: hidden keys still count
         seq_len = sum(lengths)
         self.host_positions = [layout_positions(seq_len, self.world, r, layout) for r in range(self.world)]
         self.positions = [_positions_on(seq_len, self.world, r, layout, q.device) for r in range(self.world)]
-        self.block_shapes = [(2, k.shape[0], k.shape[1], n, k.shape[3]) for n in lengths]  # (k and v, [B, H_kv, n, D])
+        # per rank: the shapes of its k and v blocks, [B, H_kv, n, D] and [B, H_kv, n, Dv] (MLA: Dv != D)
+        self.block_shapes = [tuple(torch.Size((*t.shape[:2], n, t.shape[3])) for t in (k, v)) for n in lengths]
 
     def source(self, step: int) -> int:
         """Owner of the key/value block this rank holds at ``step``."""
@@ -208,9 +217,8 @@ class _Ring:
 
     def buffers(self, dtype, device, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``count`` (k, v)-shaped pairs of flat buffers that fit the largest block."""
-        most = max(torch.Size(shape[1:]).numel() for shape in self.block_shapes)
-        return [(torch.empty(most, dtype=dtype, device=device), torch.empty(most, dtype=dtype, device=device))
-                for _ in range(count)]
+        most = [max(shapes[i].numel() for shapes in self.block_shapes) for i in (0, 1)]
+        return [tuple(torch.empty(n, dtype=dtype, device=device) for n in most) for _ in range(count)]
 
     def kv_buffers(self, dtype, device) -> list:
         """Where key/value blocks are received: a block is computed on while the next one arrives, so two;
@@ -218,28 +226,27 @@ class _Ring:
         return self.buffers(dtype, device, 1 if self.world == 2 else 2) if self.world > 1 else []
 
     def view(self, pair, src: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A buffer pair seen as rank ``src``'s two [B, H_kv, S_src, D] blocks."""
-        shape = self.block_shapes[src][1:]
-        n = torch.Size(shape).numel()
-        return pair[0][:n].view(shape), pair[1][:n].view(shape)
+        """A buffer pair seen as rank ``src``'s k and v blocks."""
+        return tuple(buf[: shape.numel()].view(shape) for buf, shape in zip(pair, self.block_shapes[src]))
 
 
 def ring_forward(q, k, v, group, causal: bool, scale: float, layout: str, timeout_s: float, mask: str = "",
-                 mask_args=(), fill: float = float("-inf"), softcap: float = 0.0):
+                 mask_args=(), fill: float = float("-inf"), softcap: float = 0.0, sinks=None):
     """(out in q's dtype, lse fp32) of this rank's queries against the whole sequence.
 
     lse is ``[B, H, S_local]``, or with a block mask or a finite fill the two-part state
     ``[2, B, H, S_local]`` (row maximum, log of the sum relative to it) of the torch kernels.
+    ``sinks`` (``[H]`` or None) join every row's softmax after the ring: out and lse include them.
     """
-    lengths = _agree(q, k, v, group, causal, layout, timeout_s, mask=mask, fill=fill, softcap=softcap)
-    ring = _Ring(q, k, group, causal, layout, timeout_s, lengths, fill)
+    lengths = _agree(q, k, v, group, causal, layout, timeout_s, mask=mask, fill=fill, softcap=softcap, sinks=sinks)
+    ring = _Ring(q, k, v, group, causal, layout, timeout_s, lengths, fill)
     if mask:
         mask_structure.describe_once(mask, _bound_mask(mask, mask_args), sum(lengths), causal, q.device, min(lengths))
     forward_block, _ = _block_kernels(q.device.type, mask, fill, softcap)
     options = _kernel_options(mask, mask_args, fill, softcap)
     if forward_block is fused_attention.fused_block_forward:
         options["plan_key"] = (mask, tuple(mask_args))  # one tile plan for every layer that shares the mask
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    out = torch.zeros((*q.shape[:-1], v.shape[-1]), dtype=torch.float32, device=q.device)
     if _extended(mask, fill):
         lse = torch.zeros((2, *q.shape[:-1]), dtype=torch.float32, device=q.device)
         lse[0] = float("-inf")
@@ -259,15 +266,21 @@ def ring_forward(q, k, v, group, causal: bool, scale: float, layout: str, timeou
         if step + 1 < ring.world:
             ring.comm.wait(in_flight, f"receiving key/value block {step + 1} of {ring.world}")
             kv = incoming
+    if sinks is not None:
+        out, lse = block_attention.merge_partials([out], [lse], _extended(mask, fill), sinks)
     return out.to(q.dtype), lse
 
 
 def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float, layout: str, timeout_s: float,
-                  mask: str = "", mask_args=(), fill: float = float("-inf"), softcap: float = 0.0):
-    """(dq, dk, dv) for this rank's shards; dK/dV travel the ring one step behind their blocks."""
+                  mask: str = "", mask_args=(), fill: float = float("-inf"), softcap: float = 0.0, sinks=None):
+    """(dq, dk, dv, d sinks) for this rank's shards; dK/dV travel the ring one step behind their blocks.
+
+    ``out`` and ``lse`` are the forward's, sinks included: the sink column has no value, so the usual
+    backward with them is exact for q, k, v. d sinks (None without sinks) is this rank's rows' share, as
+    every parameter gradient of a ringified graph is (``sync_grad`` sums it over the ranks)."""
     lengths = _agree(q, k, v, group, causal, layout, timeout_s, grad_out=grad_out, mask=mask, fill=fill,
-                     softcap=softcap)
-    ring = _Ring(q, k, group, causal, layout, timeout_s, lengths, fill)
+                     softcap=softcap, sinks=sinks)
+    ring = _Ring(q, k, v, group, causal, layout, timeout_s, lengths, fill)
     _, backward_block = _block_kernels(q.device.type, mask, fill, softcap)
     options = _kernel_options(mask, mask_args, fill, softcap)
     fused = backward_block is fused_attention.fused_block_backward
@@ -312,7 +325,9 @@ def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float
         ring.comm.wait(grads_in_flight, "receiving the final dK/dV of this rank's block")
         share = accumulated
     dk, dv = (g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(share, (k, v)))
-    return dq.to(q.dtype), dk, dv
+    dsinks = None if sinks is None else block_attention.sink_grad(grad_out, out, lse, sinks, _extended(mask, fill),
+                                                                  delta)
+    return dq.to(q.dtype), dk, dv, dsinks
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,49 +338,55 @@ def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float
 def ring_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: str, causal: bool, scale: float, layout: str,
     timeout: float, mask: str, mask_args: list[torch.Tensor], fill: float, softcap: float,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse). ``mask``: key of a registered block mask ("" = none), called with ``mask_args``;
-    ``fill``: score of hidden keys; ``softcap``: 0 or the logit cap. lse is [2, B, H, S_local] when
-    ``mask`` or a finite ``fill``."""
+    ``fill``: score of hidden keys; ``softcap``: 0 or the logit cap; ``sinks``: None or the per-head sink
+    logits [H]. lse is [2, B, H, S_local] when ``mask`` or a finite ``fill``."""
     return ring_forward(q, k, v, resolve_group(group), causal, scale, layout, timeout, mask, mask_args, fill,
-                        softcap)
+                        softcap, sinks)
 
 
 @ring_attention_op.register_fake
-def _(q, k, v, group, causal, scale, layout, timeout, mask, mask_args, fill, softcap):
+def _(q, k, v, group, causal, scale, layout, timeout, mask, mask_args, fill, softcap, sinks=None):
     lse_shape = (2, *q.shape[:-1]) if _extended(mask, fill) else q.shape[:-1]
-    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("ringify::ring_attention_backward", mutates_args=())
 def ring_attention_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, group: str, causal: bool, scale: float, layout: str, timeout: float, mask: str,
-    mask_args: list[torch.Tensor], fill: float, softcap: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return ring_backward(grad_out, q, k, v, out, lse, resolve_group(group), causal, scale, layout, timeout,
-                         mask, mask_args, fill, softcap)
+    mask_args: list[torch.Tensor], fill: float, softcap: float, sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d sinks); d sinks is empty without sinks (an op returns tensors)."""
+    dq, dk, dv, dsinks = ring_backward(grad_out, q, k, v, out, lse, resolve_group(group), causal, scale, layout,
+                                       timeout, mask, mask_args, fill, softcap, sinks)
+    return dq, dk, dv, q.new_empty(0) if dsinks is None else dsinks
 
 
 @ring_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, group, causal, scale, layout, timeout, mask, mask_args, fill, softcap):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, like the real outputs
+def _(grad_out, q, k, v, out, lse, group, causal, scale, layout, timeout, mask, mask_args, fill, softcap, sinks=None):
+    dsinks = q.new_empty(0) if sinks is None else sinks.new_empty(sinks.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks  # contiguous, like the real ones
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, group, causal, scale, layout, timeout, mask, mask_args, fill, softcap = inputs
+    q, k, v, group, causal, scale, layout, timeout, mask, mask_args, fill, softcap, *sinks = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *mask_args)
+    ctx.save_for_backward(q, k, v, out, lse, sinks[0] if sinks else None, *mask_args)
     ctx.mark_non_differentiable(lse)
     ctx.options = (group, causal, scale, layout, timeout, mask)
     ctx.fill, ctx.softcap = fill, softcap
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, *mask_args = ctx.saved_tensors
-    dq, dk, dv = ring_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, *ctx.options, mask_args,
-                                            ctx.fill, ctx.softcap)
-    return dq, dk, dv, None, None, None, None, None, None, [None] * len(mask_args), None, None
+    q, k, v, out, lse, sinks, *mask_args = ctx.saved_tensors
+    dq, dk, dv, dsinks = ring_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, *ctx.options, mask_args,
+                                                    ctx.fill, ctx.softcap, sinks)
+    grads = (dq, dk, dv, None, None, None, None, None, None, [None] * len(mask_args), None, None)
+    # the dispatcher drops a trailing argument at its default (sinks=None): a gradient only for one given
+    return grads if sinks is None else (*grads, dsinks)
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -373,13 +394,16 @@ ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def ring_attention(q, k, v, group=None, *, causal: bool = False, scale: float | None = None,
                    layout: str = "zigzag", timeout: float | None = None, mask=None, mask_args=(),
-                   fill: float = float("-inf"), softcap: float = 0.0) -> torch.Tensor:
+                   fill: float = float("-inf"), softcap: float = 0.0,
+                   sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Exact attention of the global sequence for this rank's queries.
 
-    q: ``[B, H, S_local, D]``; k, v: ``[B, H_kv, S_local, D]`` with ``H % H_kv == 0`` (GQA/MQA without
-    repeating k/v). Shards are laid out by ``layout`` (see :func:`shard_sequence`); local lengths may
-    differ by rank. ``group``: ProcessGroup, 1-D DeviceMesh, or None for the default group (or a single
-    process when torch.distributed is not initialised). ``causal`` masks by global position.
+    q: ``[B, H, S_local, D]``; k: ``[B, H_kv, S_local, D]``, v: ``[B, H_kv, S_local, Dv]`` with
+    ``H % H_kv == 0`` (GQA/MQA without repeating k/v; ``Dv`` may differ from ``D``, as in multi-head latent
+    attention); the output is ``[B, H, S_local, Dv]``. Shards are laid out by ``layout`` (see
+    :func:`shard_sequence`); local lengths may differ by rank. ``group``: ProcessGroup, 1-D DeviceMesh, or
+    None for the default group (or a single process when torch.distributed is not initialised). ``causal``
+    masks by global position.
     ``timeout``: seconds to wait for a peer before raising ``RingTimeoutError``.
 
     ``mask``: a block-mask function ``fn(q_pos, k_pos, *mask_args) -> Tensor`` (or the key that
@@ -392,6 +416,9 @@ def ring_attention(q, k, v, group=None, *, causal: bool = False, scale: float | 
     exactly (a row whose keys are all filled gets a uniform softmax, as in the unsharded model).
     ``softcap``: Gemma-2's logit soft-capping, scores ``softcap * tanh(score / softcap)`` before the
     mask (0 = off).
+    ``sinks``: GPT-OSS's attention sinks, a learned logit per query head (``[H]``) that joins every row's
+    softmax denominator and has no value: ``softmax(cat([scores, sink_h]))[..., :-1]``. Its gradient on
+    each rank is that rank's rows' share (summed over the ranks by the caller, as ``sync_grad`` does).
     Calls with a mask, a finite fill or a soft-cap run the plain-torch block kernels, also on CUDA (the
     Triton kernels take none of them).
     """
@@ -415,5 +442,5 @@ def ring_attention(q, k, v, group=None, *, causal: bool = False, scale: float | 
     if not math.isfinite(softcap) or softcap < 0:
         raise ValueError(f"softcap must be 0 (off) or a positive number, got {softcap}")
     out, _ = ring_attention_op(q, k, v, group_name(group), bool(causal), float(scale), layout, float(timeout),
-                               key, list(mask_args), fill, softcap)
+                               key, list(mask_args), fill, softcap, sinks)
     return out

@@ -61,15 +61,14 @@ def _lse_to_log2(lse):
 
 @_jit
 def _fwd_inner(acc, l_i, m_i, q, q_pos, K, V, KPos, stride_kn, stride_vn, Lk, qk_scale, lo, hi,
-               offs_d, d_ok, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               offs_d, d_ok, offs_dv, dv_ok, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                PRECISION: tl.constexpr):
     """Online softmax over the key tiles starting in [lo, hi). Only MASKED tiles compute a mask: the causal
     one, and the ragged end of the block."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             visible = n_ok[None, :]
@@ -83,7 +82,7 @@ def _fwd_inner(acc, l_i, m_i, q, q_pos, K, V, KPos, stride_kn, stride_vn, Lk, qk
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -94,8 +93,8 @@ def _attn_fwd(Q, K, V, Out, Lse, QPos, KPos, KeyFull, KeyEnd,
               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
               stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
               H, GROUP, Lq, Lk, qk_scale,
-              D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+              D: tl.constexpr, HEAD_DIM: tl.constexpr, DV: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     # Keys [0, key_full) are visible to every row of the tile, keys from key_end on to none of them.
     key_full = tl.load(KeyFull + tile)
@@ -115,7 +114,10 @@ def _attn_fwd(Q, K, V, Out, Lse, QPos, KPos, KeyFull, KeyEnd,
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < Lq
     d_ok = offs_d < D
+    offs_dv = tl.arange(0, HEAD_DIM_V)  # the value head dim may differ (multi-head latent attention)
+    dv_ok = offs_dv < DV
     q_mask = m_ok[:, None] & d_ok[None, :]
+    o_mask = m_ok[:, None] & dv_ok[None, :]
     q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
     q_pos = tl.load(QPos + offs_m, mask=m_ok, other=0)
 
@@ -123,32 +125,32 @@ def _attn_fwd(Q, K, V, Out, Lse, QPos, KPos, KeyFull, KeyEnd,
     # acc = out (m = -inf, l = 0, acc = 0 for rows that have seen nothing).
     m_i = tl.load(Lse + offs_m, mask=m_ok, other=float("-inf")) * 1.4426950408889634
     l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
-    out_ptrs = Out + offs_m[:, None] * stride_om + offs_d[None, :]
-    acc = tl.load(out_ptrs, mask=q_mask, other=0.0)
+    out_ptrs = Out + offs_m[:, None] * stride_om + offs_dv[None, :]
+    acc = tl.load(out_ptrs, mask=o_mask, other=0.0)
 
     unmasked_end = key_full // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, K, V, KPos, stride_kn, stride_vn, Lk, qk_scale,
-                               0, unmasked_end, offs_d, d_ok, BLOCK_N, False, CAUSAL, PRECISION)
+                               0, unmasked_end, offs_d, d_ok, offs_dv, dv_ok, BLOCK_N, False, CAUSAL, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, q_pos, K, V, KPos, stride_kn, stride_vn, Lk, qk_scale,
-                               unmasked_end, key_end, offs_d, d_ok, BLOCK_N, True, CAUSAL, PRECISION)
+                               unmasked_end, key_end, offs_d, d_ok, offs_dv, dv_ok, BLOCK_N, True, CAUSAL, PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # l == 0: acc == 0 and m == -inf, so out = 0, lse = -inf
-    tl.store(out_ptrs, acc / l_safe[:, None], mask=q_mask)
+    tl.store(out_ptrs, acc / l_safe[:, None], mask=o_mask)
     tl.store(Lse + offs_m, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, mask=m_ok)
 
 
 @_jit
 def _bwd_dkdv_inner(dk, dv, k, v, k_pos, Q, DO, Lse, Delta, QPos, stride_qm, stride_dom, Lq, qk_scale,
-                    lo, hi, offs_d, d_ok, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                    lo, hi, offs_d, d_ok, offs_dv, dv_ok, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                     PRECISION: tl.constexpr):
     """dk, dv of one key tile from the query rows starting in [lo, hi), computed transposed (keys on
     rows). Rows past Lq load lse = -inf and so contribute p = 0: only MASKED tiles need the causal mask."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Lq
-        q_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=q_mask, other=0.0)
+        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_dv[None, :], mask=m_ok[:, None] & dv_ok[None, :],
+                     other=0.0)
         m = _lse_to_log2(tl.load(Lse + offs_m, mask=m_ok, other=float("-inf")))
         delta = tl.load(Delta + offs_m, mask=m_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
@@ -164,13 +166,13 @@ def _bwd_dkdv_inner(dk, dv, k, v, k_pos, Q, DO, Lse, Delta, QPos, stride_qm, str
 
 
 @_jit
-def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QPos, KPos, QueryStart, QueryFull,
+def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DVOut, QPos, KPos, QueryStart, QueryFull,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                    H, H_KV, GROUP, Lq, Lk, scale, qk_scale,
-                   D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+                   D: tl.constexpr, HEAD_DIM: tl.constexpr, DV: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     # Query rows before query_start see none of this key tile, rows from query_full on see all of it. The
     # rows in between straddle the causal boundary: visit them in masked tiles up to `mid`, the rest unmasked.
@@ -187,15 +189,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QPos, KPos, QueryStart, Quer
     offs_d = tl.arange(0, HEAD_DIM)
     n_ok = offs_n < Lk
     d_ok = offs_d < D
-    kv_mask = n_ok[:, None] & d_ok[None, :]
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    dv_ok = offs_dv < DV
+    k_mask = n_ok[:, None] & d_ok[None, :]
+    v_mask = n_ok[:, None] & dv_ok[None, :]
     k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+                mask=k_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                mask=v_mask, other=0.0)
     k_pos = tl.load(KPos + offs_n, mask=n_ok, other=0)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
     for g in range(GROUP):  # the query heads that share this key/value head
         h = h_kv * GROUP + g
         Qh = Q + b * stride_qb + h * stride_qh
@@ -204,28 +209,29 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse, Delta, DK, DV, QPos, KPos, QueryStart, Quer
         Delta_h = Delta + (b * H + h) * Lq
         if CAUSAL:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, k_pos, Qh, DOh, Lse_h, Delta_h, QPos, stride_qm, stride_dom,
-                                     Lq, qk_scale, query_start, mid, offs_d, d_ok, BLOCK_M, True, PRECISION)
+                                     Lq, qk_scale, query_start, mid, offs_d, d_ok, offs_dv, dv_ok, BLOCK_M, True,
+                                     PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, k_pos, Qh, DOh, Lse_h, Delta_h, QPos, stride_qm, stride_dom,
-                                 Lq, qk_scale, mid, Lq, offs_d, d_ok, BLOCK_M, False, PRECISION)
+                                 Lq, qk_scale, mid, Lq, offs_d, d_ok, offs_dv, dv_ok, BLOCK_M, False, PRECISION)
 
     dk_ptrs = DK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
-    tl.store(dk_ptrs, tl.load(dk_ptrs, mask=kv_mask) + dk * scale, mask=kv_mask)
-    tl.store(dv_ptrs, tl.load(dv_ptrs, mask=kv_mask) + dv, mask=kv_mask)
+    dv_ptrs = DVOut + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :]
+    tl.store(dk_ptrs, tl.load(dk_ptrs, mask=k_mask) + dk * scale, mask=k_mask)
+    tl.store(dv_ptrs, tl.load(dv_ptrs, mask=v_mask) + dv, mask=v_mask)
 
 
 @_jit
 def _bwd_dq_inner(dq, q, do, m, delta, q_pos, K, V, KPos, stride_kn, stride_vn, Lk, qk_scale, lo, hi,
-                  offs_d, d_ok, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  offs_d, d_ok, offs_dv, dv_ok, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                   PRECISION: tl.constexpr):
     """dq of one query tile from the key tiles starting in [lo, hi). MASKED tiles mask the causal entries
     and the keys past Lk: those load as zeros, but exp2(0 - lse) may overflow and inf * 0 is NaN."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :],
+                    other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             visible = n_ok[None, :]
@@ -246,8 +252,8 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, QPos, KPos, KeyFull, KeyEnd,
                  stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
                  stride_dqb, stride_dqh, stride_dqm,
                  H, GROUP, Lq, Lk, scale, qk_scale,
-                 D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+                 D: tl.constexpr, HEAD_DIM: tl.constexpr, DV: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     key_full = tl.load(KeyFull + tile)
     key_end = tl.load(KeyEnd + tile)
@@ -263,11 +269,13 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, QPos, KPos, KeyFull, KeyEnd,
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < Lq
     d_ok = offs_d < D
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    dv_ok = offs_dv < DV
     q_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=q_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                 mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
     m = _lse_to_log2(tl.load(Lse + bh * Lq + offs_m, mask=m_ok, other=float("-inf")))
     delta = tl.load(Delta + bh * Lq + offs_m, mask=m_ok, other=0.0)
     q_pos = tl.load(QPos + offs_m, mask=m_ok, other=0)
@@ -275,9 +283,9 @@ def _attn_bwd_dq(Q, K, V, DO, Lse, Delta, DQ, QPos, KPos, KeyFull, KeyEnd,
     unmasked_end = key_full // BLOCK_N * BLOCK_N
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _bwd_dq_inner(dq, q, do, m, delta, q_pos, K, V, KPos, stride_kn, stride_vn, Lk, qk_scale,
-                       0, unmasked_end, offs_d, d_ok, BLOCK_N, False, CAUSAL, PRECISION)
+                       0, unmasked_end, offs_d, d_ok, offs_dv, dv_ok, BLOCK_N, False, CAUSAL, PRECISION)
     dq = _bwd_dq_inner(dq, q, do, m, delta, q_pos, K, V, KPos, stride_kn, stride_vn, Lk, qk_scale,
-                       unmasked_end, key_end, offs_d, d_ok, BLOCK_N, True, CAUSAL, PRECISION)
+                       unmasked_end, key_end, offs_d, d_ok, offs_dv, dv_ok, BLOCK_N, True, CAUSAL, PRECISION)
 
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=q_mask) + dq * scale, mask=q_mask)
@@ -307,17 +315,19 @@ _TILES = {
 }
 
 
-def _launch_config(kernel: str, q: torch.Tensor, causal: bool, block_m, block_n) -> dict:
-    """Constexprs and launch options of ``kernel``; ``block_m``/``block_n`` override the tile sizes."""
-    head_dim = max(16, triton.next_power_of_2(q.shape[-1]))
+def _launch_config(kernel: str, q: torch.Tensor, v: torch.Tensor, causal: bool, block_m, block_n) -> dict:
+    """Constexprs and launch options of ``kernel``; ``block_m``/``block_n`` override the tile sizes. The value
+    head dim has a padded width of its own (``HEAD_DIM_V``); the tiles follow the wider of the two."""
+    head_dim, head_dim_v = (max(16, triton.next_power_of_2(t.shape[-1])) for t in (q, v))
     table = _TILES["fp32" if q.dtype == torch.float32 else "16bit"]
-    fits = [hd for hd in table if hd >= head_dim]
+    fits = [hd for hd in table if hd >= max(head_dim, head_dim_v)]
     bm, bn, num_warps, num_stages = table[min(fits) if fits else max(table)][kernel]
     for block in (block_m, block_n):
         if block is not None and (block < 16 or block & (block - 1)):
             raise ValueError(f"tile sizes must be powers of two, at least 16 (for tl.dot); got {block}")
-    return dict(D=q.shape[-1], HEAD_DIM=head_dim, BLOCK_M=block_m or bm, BLOCK_N=block_n or bn, CAUSAL=causal,
-                PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+    return dict(D=q.shape[-1], HEAD_DIM=head_dim, DV=v.shape[-1], HEAD_DIM_V=head_dim_v, BLOCK_M=block_m or bm,
+                BLOCK_N=block_n or bn, CAUSAL=causal, PRECISION=_precision(q.dtype), num_warps=num_warps,
+                num_stages=num_stages)
 
 
 def _tile_ends(pos: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,8 +371,8 @@ def _precision(dtype: torch.dtype) -> str:
 def _check(q, k, v, q_pos, k_pos, fp32_out: dict[str, tuple[torch.Tensor, tuple[int, ...]]]) -> None:
     if triton is None:
         raise ImportError("the Triton attention kernels need triton, which is not installed")
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"expected q [B, H, Lq, D] and k, v [B, H_kv, Lk, D]; got {tuple(q.shape)}, "
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"expected q [B, H, Lq, D], k [B, H_kv, Lk, D] and v [B, H_kv, Lk, Dv]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     b, h, lq, d = q.shape
     if k.shape[0] != b or k.shape[3] != d or h % k.shape[1]:
@@ -383,20 +393,20 @@ def _check(q, k, v, q_pos, k_pos, fp32_out: dict[str, tuple[torch.Tensor, tuple[
 
 def triton_block_forward(q, k, v, out, lse, q_pos, k_pos, *, scale: float, causal: bool,
                          block_m: int | None = None, block_n: int | None = None) -> None:
-    """Attend ``q`` [B, H, Lq, D] to the block ``k``, ``v`` [B, H_kv, Lk, D] and merge the result into the
-    running ``out`` (fp32 [B, H, Lq, D]) and ``lse`` (fp32 [B, H, Lq], natural log) in place.
+    """Attend ``q`` [B, H, Lq, D] to the block ``k`` [B, H_kv, Lk, D], ``v`` [B, H_kv, Lk, Dv] and merge the
+    result into the running ``out`` (fp32 [B, H, Lq, Dv]) and ``lse`` (fp32 [B, H, Lq], natural log) in place.
 
     ``q_pos`` and ``k_pos`` are the sorted int64 global positions of the rows. ``block_m``/``block_n``
     override the query/key tile sizes (powers of two, at least 16).
     """
     b, h, lq, d = q.shape
     h_kv, lk = k.shape[1], k.shape[2]
-    _check(q, k, v, q_pos, k_pos, {"out": (out, (b, h, lq, d)), "lse": (lse, (b, h, lq))})
+    _check(q, k, v, q_pos, k_pos, {"out": (out, (b, h, lq, v.shape[3])), "lse": (lse, (b, h, lq))})
     if lq == 0 or lk == 0 or b * h == 0:
         return
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
-    cfg = _launch_config("fwd", q, causal, block_m, block_n)
+    cfg = _launch_config("fwd", q, v, causal, block_m, block_n)
     key_full, key_end = _key_bounds(q_pos, k_pos, cfg["BLOCK_M"], causal)
     _attn_fwd[(triton.cdiv(lq, cfg["BLOCK_M"]), b * h)](
         q, k, v, out, lse, q_pos, k_pos, key_full, key_end,
@@ -408,7 +418,7 @@ def triton_block_forward(q, k, v, out, lse, q_pos, k_pos, *, scale: float, causa
 def triton_block_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, *, scale: float, causal: bool,
                           block_m: int | None = None, block_n: int | None = None) -> None:
     """Accumulate this block's gradients in place: ``dq`` (fp32 [B, H, Lq, D]) += ..., ``dk``, ``dv``
-    (fp32 [B, H_kv, Lk, D]) += ... (summed over the query heads of each GQA group).
+    (fp32, shaped as k and v) += ... (summed over the query heads of each GQA group); ``do`` is [B, H, Lq, Dv].
 
     ``lse`` is the final log-sum-exp of each query row over all blocks and ``delta = rowsum(dO * O)``
     (both fp32 [B, H, Lq]): with them this block's probabilities are recomputed exactly. Rows with
@@ -417,17 +427,18 @@ def triton_block_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, *, 
     """
     b, h, lq, d = q.shape
     h_kv, lk = k.shape[1], k.shape[2]
-    if do.shape != q.shape or do.dtype != q.dtype:
-        raise ValueError(f"do must match q; got {do.dtype} {tuple(do.shape)}")
+    if do.shape != (b, h, lq, v.shape[3]) or do.dtype != q.dtype:
+        raise ValueError(f"do must be the output's shape {(b, h, lq, v.shape[3])} in q's dtype; got {do.dtype} "
+                         f"{tuple(do.shape)}")
     _check(q, k, v, q_pos, k_pos, {"lse": (lse, (b, h, lq)), "delta": (delta, (b, h, lq)),
-                                   "dq": (dq, (b, h, lq, d)), "dk": (dk, tuple(k.shape)), "dv": (dv, tuple(k.shape))})
+                                   "dq": (dq, (b, h, lq, d)), "dk": (dk, tuple(k.shape)), "dv": (dv, tuple(v.shape))})
     if lq == 0 or lk == 0 or b * h == 0:
         return
     q, k, v, do = _unit_stride(q), _unit_stride(k), _unit_stride(v), _unit_stride(do)
     q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
 
-    cfg = _launch_config("dkdv", q, causal, block_m, block_n)
+    cfg = _launch_config("dkdv", q, v, causal, block_m, block_n)
     query_start, query_full = _query_bounds(q_pos, k_pos, cfg["BLOCK_N"], causal)
     _attn_bwd_dkdv[(triton.cdiv(lk, cfg["BLOCK_N"]), b * h_kv)](
         q, k, v, do, lse, delta, dk, dv, q_pos, k_pos, query_start, query_full,
@@ -435,7 +446,7 @@ def triton_block_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, *, 
         h, h_kv, h // h_kv, lq, lk, scale, scale * _LOG2E, **cfg,
     )
 
-    cfg = _launch_config("dq", q, causal, block_m, block_n)
+    cfg = _launch_config("dq", q, v, causal, block_m, block_n)
     key_full, key_end = _key_bounds(q_pos, k_pos, cfg["BLOCK_M"], causal)
     _attn_bwd_dq[(triton.cdiv(lq, cfg["BLOCK_M"]), b * h)](
         q, k, v, do, lse, delta, dq, q_pos, k_pos, key_full, key_end,

@@ -132,6 +132,18 @@ def max_rel(a, b):
 @pytest.mark.parametrize("positions", ["same", "zigzag", "striped"])
 @pytest.mark.parametrize("kv_heads", [4, 1])
 def test_tiles_match_full_softmax(seed, monkeypatch, tile, case, positions, kv_heads):
+    check_tiles(seed, monkeypatch, tile, case, positions, kv_heads)
+
+
+@pytest.mark.parametrize("case", TILED)
+@pytest.mark.parametrize("d,dv", [(6, 12), (12, 6)])
+def test_value_head_dim_of_its_own(seed, monkeypatch, case, d, dv):
+    """Multi-head latent attention: values (and the output) [.., Dv] with Dv != D, tiled, every kind of mask."""
+    check_tiles(seed, monkeypatch, 16, case, "zigzag", 2, d, dv)
+
+
+def check_tiles(seed, monkeypatch, tile, case, positions, kv_heads, d=8, dv=8):
+    """Forward and backward of one block pair in tiles against the fp64 softmax of the whole block."""
     if tile is not None:
         monkeypatch.setattr(block_attention, "TILE", tile)
     size = block_attention.TILE
@@ -142,14 +154,14 @@ def test_tiles_match_full_softmax(seed, monkeypatch, tile, case, positions, kv_h
         q_pos, k_pos = (layout_positions(2 * lq + 1, 2, rank, positions) for rank in (0, 1))
     mask_fn, fill, causal, softcap = TILED[case]
     g = torch.Generator().manual_seed(seed)
-    q, do = (torch.randn(2, 4, len(q_pos), 8, generator=g) for _ in range(2))
-    k, v = (torch.randn(2, kv_heads, len(k_pos), 8, generator=g) for _ in range(2))
+    q, do = torch.randn(2, 4, len(q_pos), d, generator=g), torch.randn(2, 4, len(q_pos), dv, generator=g)
+    k, v = torch.randn(2, kv_heads, len(k_pos), d, generator=g), torch.randn(2, kv_heads, len(k_pos), dv, generator=g)
 
     pieces = []
     plan = block_attention._plan
     monkeypatch.setattr(block_attention, "_plan", lambda *a, **kw: (pieces.append(p[:4]) or p for p in plan(*a, **kw)))
     extended = mask_fn is not None or fill != float("-inf")
-    out = torch.zeros_like(q)
+    out = torch.zeros_like(do)
     lse = torch.zeros(2, 2, 4, len(q_pos)) if extended else torch.full((2, 4, len(q_pos)), float("-inf"))
     if extended:
         lse[0] = float("-inf")
@@ -188,3 +200,68 @@ def test_one_long_block_never_builds_the_full_score_matrix():
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         torch_block_backward(q, k, v, do, lse, (do * out).sum(-1), dq, dk, dv, pos, pos, scale=0.25, causal=True)
     assert meter.peak_bytes < heads * s * s * 4 / 8
+
+
+# ---- decoding over a sharded cache: a value head dim of its own and attention sinks --------------------
+
+
+def recent_keys(q_pos, k_pos):
+    """A window of the last 5 positions (a bool block mask: the extended state in decoding)."""
+    return (q_pos[:, None] - k_pos[None, :]) < 5
+
+
+def check_decode_with_sinks(seed, prompt, layout):
+    """One decoded token (q/k head dim 6, value head dim 12, sinks randn * 3) over the cache sharded on the ranks,
+    against the fp64 softmax with the sink column over every key; with and without a block mask."""
+    import torch.distributed as dist
+
+    from ringify.runtime import kv_cache, register_block_mask
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, 1, 6, generator=g)
+    k, v = torch.randn(2, 2, prompt + 1, 6, generator=g), torch.randn(2, 2, prompt + 1, 12, generator=g)
+    sinks = torch.randn(4, generator=g) * 3
+    errors = []
+    for mask in (None, register_block_mask(recent_keys)):
+        cache = kv_cache.ShardedKVCache("", kv_cache.slots_per_rank(prompt, 2, world))
+        cache.begin(prompt, layout, "cpu")
+        mine = layout_positions(prompt, world, rank, layout)
+        cache.store(0, k[:, :, mine], v[:, :, mine])
+        cache.step(prompt, append=True)
+        slot = kv_cache.new_slot()
+        with kv_cache.bound(slot, cache):
+            out = kv_cache.cache_attention(q, k[:, :, prompt:], v[:, :, prompt:], [], slot=slot, layer=0, mask_fn=mask,
+                                           scale=0.3, causal=True, fill=float("-inf"), softcap=0.0, group="",
+                                           sinks=sinks)
+        s = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2) * 0.3
+        if mask is not None:
+            s = s.masked_fill(~recent_keys(torch.tensor([prompt]), torch.arange(prompt + 1)), float("-inf"))
+        p = torch.softmax(torch.cat([s, sinks.double().view(1, 4, 1, 1).expand(2, 4, 1, 1)], -1), -1)[..., :-1]
+        ref = p @ v.double().repeat_interleave(2, dim=1)
+        assert out.shape == (2, 4, 1, 12)
+        errors.append(((out.double() - ref).norm() / ref.norm()).item())
+    assert max(errors) < 1e-5, errors
+    return errors
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_decode_with_sinks_and_a_value_head_dim(ranks, seed, world_size):
+    layout = ("zigzag", "striped", "contiguous")[world_size % 3]
+    ranks(world_size).run(check_decode_with_sinks, seed, 4 * world_size + 3, layout)
+
+
+def test_merge_partials_applies_sinks_once(seed):
+    """Sinks in the merge of two parts == the part of all keys with sinks; a row no part saw stays 0."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, 2, 3, 4, generator=g), torch.randn(1, 2, 10, 4, generator=g)
+    v = torch.randn(1, 2, 10, 6, generator=g)
+    q_pos, k_pos, sinks = torch.tensor([2, 6, 9]), torch.arange(3, 13), torch.tensor([2.0, -1.0])
+    kw = dict(scale=0.5, causal=True)
+    parts = [block_attention.attend_keys(q, k[:, :, s], v[:, :, s], q_pos, k_pos[s], **kw)
+             for s in (slice(0, 5), slice(5, 10))]
+    merged, lse = block_attention.merge_partials([o for o, _ in parts], [l for _, l in parts], False, sinks)
+    whole, whole_lse = block_attention.attend_keys(q, k, v, q_pos, k_pos, **kw)
+    once, once_lse = block_attention.merge_partials([whole], [whole_lse], False, sinks)
+    assert torch.allclose(merged, once, atol=1e-6) and torch.allclose(lse, once_lse)
+    assert torch.all(merged[:, :, 0] == 0) and torch.equal(lse[:, :, 0], sinks.view(1, 2))  # position 2 sees no key

@@ -1,6 +1,7 @@
 """Ring attention on real gloo process groups against single-process SDPA on the full sequence."""
 
 import itertools
+import os
 import time
 
 import pytest
@@ -148,12 +149,27 @@ def options_differ(rank):
     return {"shapes": [(1, 4, 6, 8)] * 3, "causal": rank == 0}
 
 
+def values_off(rank):
+    return {"shapes": [(1, 4, 6, 8), (1, 2, 6, 8), (1, 2, 6 - rank, 12)]}
+
+
+def sinks_misshapen(rank):
+    return {"shapes": [(1, 4, 6, 8), (1, 2, 6, 8), (1, 2, 6, 12)], "sinks": torch.zeros(2)}
+
+
+def sinks_on_one_rank(rank):
+    return {"shapes": [(1, 4, 6, 8)] * 3, "sinks": torch.zeros(4) if rank == 0 else None}
+
+
 @pytest.mark.parametrize("per_rank,expected", [
     (heads_differ, "ranks disagree on query heads: rank 0: 4, rank 1: 8"),
     (dtypes_differ, "ranks disagree on dtype: rank 0: torch.bfloat16, rank 1: torch.float32"),
     (one_rank_broken, "rank 1: query heads (4) must be a multiple of key/value heads (3)"),
     (lengths_off_layout, "local lengths [6, 7] do not match the 'zigzag' layout"),
     (options_differ, "ranks disagree on causal"),
+    (values_off, "rank 1: k and v must agree in batch, heads and local length"),
+    (sinks_misshapen, "sinks must be a floating [H] = [4] tensor"),
+    (sinks_on_one_rank, "ranks disagree on sinks: rank 0: sinks, rank 1: none"),
 ])
 def test_bad_input_raises_on_every_rank(ranks, seed, per_rank, expected):
     messages = ranks(2).run(call_with, seed, per_rank, timeout=60)
@@ -195,3 +211,122 @@ def test_ring_through_triton_kernels(seed, monkeypatch, layout):
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned ranks when they import triton
     with LocalRanks(2) as pool:
         pool.run(check_fp32_equivalence, seed, 21, 4, 2, True, layout)
+
+
+# ---- a value head dim of its own (multi-head latent attention) and attention sinks (GPT-OSS) ---------
+
+
+def window_with_blind_rows(q_pos, k_pos):
+    """A two-sided window of 6 keys under which the queries at positions 2 mod 7 see no key at all."""
+    return ((q_pos[:, None] - k_pos[None, :]).abs() < 6) & (q_pos[:, None] % 7 != 2)
+
+
+def softmax_reference(q, k, v, sinks, causal, mask, fill):
+    """fp64 attention on the full sequence: SDPA where it can say it (no mask, no sinks), else the softmax
+    over the scores and the sink column, ``softmax(cat([scores, sink_h]))[..., :-1] @ v``."""
+    group = q.shape[1] // k.shape[1]
+    if sinks is None and mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=group > 1)
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    pos = torch.arange(q.shape[2])
+    keep = torch.ones(len(pos), len(pos), dtype=torch.bool)
+    if causal:
+        keep &= pos[None, :] <= pos[:, None]
+    if mask is not None:
+        keep &= mask(pos, pos)
+    s = s.masked_fill(~keep, fill)
+    if sinks is not None:
+        s = torch.cat([s, sinks.view(1, -1, 1, 1).expand(*s.shape[:3], 1)], -1)
+    top = s.amax(-1, keepdim=True).detach()  # any shift gives the same softmax: no gradient through it
+    e = torch.exp(s - torch.where(torch.isneginf(top), 0.0, top))
+    total = e.sum(-1, keepdim=True)
+    return (e / torch.where(total > 0, total, 1.0))[..., : k.shape[2]] @ v
+
+
+# (causal, block mask, fill, q/k head dim, value head dim, sinks)
+MLA_SINK_CASES = [
+    (True, None, float("-inf"), 6, 12, False),
+    (False, None, float("-inf"), 12, 6, False),
+    (True, None, float("-inf"), 6, 12, True),
+    (False, window_with_blind_rows, float("-inf"), 8, 8, True),
+    (True, window_with_blind_rows, float("-inf"), 6, 12, True),
+    (True, None, torch.finfo(torch.float32).min, 8, 8, True),
+]
+
+
+def check_mla_and_sinks(seed, seq_len, layout, kernel):
+    """Every case of MLA_SINK_CASES through the ring (fp32) against the fp64 reference on the full sequence:
+    out, dq, dk, dv and d sinks (each rank's share, summed over the ranks as sync_grad would)."""
+    saved = os.environ.get("RINGIFY_KERNEL")
+    os.environ["RINGIFY_KERNEL"] = kernel
+    try:
+        return [_mla_and_sinks_errors(seed + i, seq_len, layout, *case) for i, case in enumerate(MLA_SINK_CASES)]
+    finally:
+        os.environ.pop("RINGIFY_KERNEL") if saved is None else os.environ.update(RINGIFY_KERNEL=saved)
+
+
+def _mla_and_sinks_errors(seed, seq_len, layout, causal, mask, fill, d, dv, with_sinks):
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda h, width: torch.randn(2, h, seq_len, width, generator=g, dtype=torch.float64)
+    q, k, v, grad = draw(4, d), draw(2, d), draw(2, dv), draw(4, dv)
+    sinks = torch.randn(4, generator=g, dtype=torch.float64) * 3 if with_sinks else None
+    full = [t.clone().requires_grad_() for t in (q, k, v, *([sinks] if with_sinks else []))]
+    ref = softmax_reference(*full[:3], full[3] if with_sinks else None, causal, mask, fill)
+    ref.backward(grad)
+
+    local = [shard_sequence(t.float(), 2, layout=layout).requires_grad_() for t in (q, k, v)]
+    sinks32 = sinks.float().requires_grad_() if with_sinks else None
+    out = ring_attention(*local, causal=causal, layout=layout, mask=mask, fill=fill, sinks=sinks32)
+    assert out.shape == (2, 4, local[0].shape[2], dv)
+    out.backward(shard_sequence(grad.float(), 2, layout=layout))
+    gathered = [gather_sequence(t, 2, layout=layout, seq_len=seq_len) for t in (out.detach(), *(x.grad for x in local))]
+    if with_sinks:
+        dist.all_reduce(sinks32.grad)
+        gathered.append(sinks32.grad)
+    assert all(torch.isfinite(t).all() for t in gathered)
+    errors = [rel_err(a.double(), b) for a, b in zip(gathered, (ref.detach(), *(x.grad for x in full)))]
+    assert max(errors) < 1e-5, f"out/dq/dk/dv/dsinks relative errors {errors} (causal={causal}, mask={mask}, " \
+        f"fill={fill}, d={d}, dv={dv}, sinks={with_sinks})"
+    return errors
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_value_head_dim_and_sinks_match_the_reference(ranks, seed, world_size, layout):
+    """The fused kernels (zero-padded to one head dim) and the plain-torch ones, on odd lengths."""
+    for kernel in ("auto", "torch"):
+        ranks(world_size).run(check_mla_and_sinks, seed, 8 * world_size + 3, layout, kernel)
+
+
+def test_sinks_bend_the_result(seed):
+    """Sinks large enough to matter: the output is not that of attention without them."""
+    q, k, v, _ = make_qkv(seed, 9, 4, 2)
+    sinks = torch.tensor([3.0, -3.0, 6.0, 0.0])
+    plain, sunk = ring_attention(q, k, v, causal=True), ring_attention(q, k, v, causal=True, sinks=sinks)
+    assert rel_err(sunk, plain) > 1e-2
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "block-mask"])
+def test_opcheck_with_sinks_and_a_value_head_dim(seed, masked):
+    """Schema, fake implementation and autograd of the op with sinks and Dv != D agree (single process)."""
+    from ringify.runtime import register_block_mask
+    from ringify.runtime.ring_attention import ring_attention_op
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, h, 11, d, generator=g).requires_grad_() for h, d in ((4, 6), (2, 6), (2, 10)))
+    sinks = (torch.randn(4, generator=g) * 3).requires_grad_()
+    mask = register_block_mask(window_with_blind_rows) if masked else ""
+    torch.library.opcheck(ring_attention_op, (q, k, v, "", True, 0.35, "zigzag", 30.0, mask, [], float("-inf"), 0.0,
+                                              sinks))
+
+
+def test_value_head_dim_and_sinks_through_triton_kernels(seed, monkeypatch):
+    """The same cases with the Triton block kernels (interpreted on CPU) where they run: the unmasked ones."""
+    pytest.importorskip("triton")
+    from ringify.launch import LocalRanks
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned ranks when they import triton
+    with LocalRanks(2) as pool:
+        pool.run(check_mla_and_sinks, seed, 19, "zigzag", "triton")

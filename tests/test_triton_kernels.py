@@ -90,13 +90,13 @@ def reference_merge(out_a, lse_a, out_b, lse_b):
 
 def reference_grads(q, k, v, do, lse, delta, q_pos, k_pos, scale, causal):
     """One block's (dq, dk, dv) from the final lse and delta = rowsum(dO * O)."""
-    b, h_kv, lk, d = k.shape
+    b, h_kv, lk, _ = k.shape
     group = q.shape[1] // h_kv
     s = scores(q, k, q_pos, k_pos, scale, causal)
     p = torch.exp(s - torch.where(torch.isneginf(lse), math.inf, lse.double())[..., None])
     k64, v64 = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
     ds = p * (do.double() @ v64.transpose(-1, -2) - delta.double()[..., None])
-    per_head = lambda t: t.reshape(b, h_kv, group, lk, d).sum(2)
+    per_head = lambda t: t.reshape(b, h_kv, group, lk, -1).sum(2)
     dq = ds @ k64 * scale
     return dq, per_head(ds.transpose(-1, -2) @ q.double() * scale), per_head(p.transpose(-1, -2) @ do.double())
 
@@ -175,7 +175,7 @@ def run_forward(q, k, v, state, q_pos, k_pos, causal, tiles):
 
 def run_backward(q, k, v, do, lse, delta, q_pos, k_pos, causal, tiles, gen):
     """Gradients accumulated onto random initial dq, dk, dv; returns (initial, final) of each."""
-    init = [randn(gen, *t.shape) for t in (q, k, k)]
+    init = [randn(gen, *t.shape) for t in (q, k, v)]
     grads = [t.clone() for t in init]
     ta.triton_block_backward(q, k, v, do, lse, delta, *grads, q_pos.to(DEVICE), k_pos.to(DEVICE),
                              scale=q.shape[-1] ** -0.5, causal=causal, block_m=tiles[0], block_n=tiles[1])
@@ -245,6 +245,29 @@ def test_backward_fp32(seed, case):
     init, grads = run_backward(q, k, v, do, lse32, delta32, q_pos, k_pos, causal, tiles, gen)
     expected = reference_grads(q.cpu(), k.cpu(), v.cpu(), do.cpu(), lse32.cpu(), delta32.cpu(), q_pos, k_pos,
                                d**-0.5, causal)
+    check_grads(init, grads, expected, FP32_TOL)
+
+
+# (positions, causal, D, Dv): multi-head latent attention's value head dim of its own, wider and narrower than
+# q/k's, both padded (6 -> 16, 12 -> 16, 24 -> 32), and ragged tiles of 16
+VALUE_DIM_CASES = [("zigzag", True, 6, 12), ("random", False, 24, 8)]
+
+
+@pytest.mark.parametrize("kind,causal,d,dv", VALUE_DIM_CASES, ids=[f"{c[0]}-d{c[2]}-dv{c[3]}" for c in VALUE_DIM_CASES])
+def test_value_head_dim_of_its_own(seed, kind, causal, d, dv):
+    gen = torch.Generator().manual_seed(seed)
+    b, h, h_kv, lq, lk = 1, 4, 2, 21, 19
+    q_pos, k_pos = positions(kind, lq, lk, gen)
+    q, k, v = randn(gen, b, h, lq, d), randn(gen, b, h_kv, lk, d), randn(gen, b, h_kv, lk, dv)
+    out, lse = run_forward(q, k, v, fresh_state(b, h, lq, dv), q_pos, k_pos, causal, (16, 16))
+    ref_out, ref_lse = reference_block(q.cpu(), k.cpu(), v.cpu(), q_pos, k_pos, d**-0.5, causal)
+    check(out, ref_out, FP32_TOL, "out")
+    check(lse, ref_lse, FP32_TOL, "lse")
+    do = randn(gen, b, h, lq, dv)
+    delta = (do.double().cpu() * ref_out).sum(-1).float().to(DEVICE)
+    init, grads = run_backward(q, k, v, do, lse, delta, q_pos, k_pos, causal, (16, 16), gen)
+    expected = reference_grads(q.cpu(), k.cpu(), v.cpu(), do.cpu(), lse.cpu(), delta.cpu(), q_pos, k_pos, d**-0.5,
+                               causal)
     check_grads(init, grads, expected, FP32_TOL)
 
 
