@@ -1,4 +1,4 @@
-"""passes/attention.py: every spelling of attention becomes one canonical `attention` node, and the
+"""passes/attention/: every spelling of attention becomes one canonical `attention` node, and the
 rewritten graph computes the same function (fresh random inputs, other sequence lengths)."""
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def test_spelling(mode, kind, mask_kind, fill, seed):
         assert m.num_heads == HEADS and m.head_dim == HEAD_DIM
         if fill is not None:
             assert m.fill == fill
-        assert re.search(r"test_attention_pass\.py:\d+$", m.source), m.source
+        assert re.search(r"test_attention_pass\.py:\d+ \(.+\)$", m.source), m.source  # file:line (code)
     if mask_kind == "keep" and mode != "einsum":
         # a masked_fill mask (True = drop) is fed inverted, a where/keep mask as it is
         assert [m.mask.target for m in matches].count(aten.logical_not.default) == (2 if mode == "fill_1e9" else 0)
@@ -467,7 +467,7 @@ def test_refused_with_clear_error(name):
         canonicalize_attention(gm)
     msg = str(info.value)
     assert words in msg and "Hint:" in msg
-    assert re.search(r"test_attention_pass\.py:\d+: ", msg), msg  # the user's line, not torch's
+    assert re.search(r"test_attention_pass\.py:\d+ \(.+\): ", msg), msg  # the user's line, not torch's
     assert ("module mha (" if name == "returns_weights" else "module <root> (") in msg
     assert gm.code == code  # nothing was changed
 
