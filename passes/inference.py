@@ -24,10 +24,11 @@ from ..errors import UnsupportedModelError
 from ..runtime import graph_calls, kv_cache
 from ..runtime.layout import LAST
 from .fx import describe, module_path, source_line
+from .rules import reductions
 
-# graph calls that sum over the ranks' tokens or gather them: a decoded token is on every rank at once
-_OVER_RANKS = (graph_calls.sum_over_ranks, graph_calls.mean_over_ranks, graph_calls.cross_entropy_over_ranks,
-               graph_calls.nll_over_ranks, graph_calls.pointwise_loss_over_ranks, graph_calls.gather_output)
+# graph calls that sum over the ranks' tokens (what the reduction rules emit) or gather them: a decoded token is on
+# every rank at once
+_OVER_RANKS = (*reductions.OVER_RANKS, graph_calls.gather_output)
 
 
 def attention_calls(gm: fx.GraphModule) -> list[fx.Node]:

@@ -19,7 +19,6 @@ the source line.
 from __future__ import annotations
 
 import copy
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -29,10 +28,11 @@ from ..errors import UnsupportedModelError
 from ..runtime import graph_calls
 from ..runtime.block_mask import register_block_mask
 from ..runtime.collectives import sync_grad
+from .fx import describe, fetch_attr, is_assert, is_impure, map_aggregate, module_path, source_line, value
 from .masks import block_mask
-from .sequence import (_VIEWS, ATTENTION, LOCAL, MIX, POSITIONS, REDUCE, TABLE, classify, has_tokens, packet,
-                       token_dims, value)
-from .fx import describe, module_path, source_line
+from .rules import ATTENTION, LOCAL, MIX, POSITIONS, REDUCE, TABLE, classify, rule_for
+from .rules.base import operand
+from .sequence import Tokens, has_tokens, token_dims
 
 aten = torch.ops.aten
 
@@ -66,6 +66,7 @@ class _Sharder:
     def __init__(self, gm: fx.GraphModule, symbols: set, group: str, layout: str, outputs: str, sync_grads: bool,
                  world_size: int, token_local: tuple[str, ...] = ()):
         self.gm, self.symbols, self.group, self.layout = gm, symbols, group, layout
+        self.seq = Tokens(symbols)
         self.token_local = tuple(token_local)
         self.outputs, self.sync_grads, self.world_size = outputs, sync_grads, world_size
         self.nodes = list(gm.graph.nodes)
@@ -82,7 +83,7 @@ class _Sharder:
         params = {id(p) for p in self.gm.parameters()}
         for node in self.nodes:
             if node.op == "get_attr":
-                self.active[node] = id(_fetch(self.gm, node.target)) in params
+                self.active[node] = id(fetch_attr(self.gm, node.target)) in params
                 continue
             inputs = node.all_input_nodes
             self.active[node] = any(self.active.get(i, False) for i in inputs)
@@ -99,9 +100,7 @@ class _Sharder:
                 if inside not in self.plan.token_local_modules:
                     self.plan.token_local_modules.append(inside)
             elif touches:
-                self.family[node] = classify(node, self.symbols)
-                if self.family[node] == REDUCE and not _reduces_everything(node, self.symbols):
-                    self.family[node] = LOCAL if _per_token_loss(node) else MIX
+                self.family[node] = classify(node, self.seq)
 
     def demands(self) -> None:
         """Which versions (full / local) of each node are needed, from the outputs back."""
@@ -117,12 +116,12 @@ class _Sharder:
                     if self.tokens(arg):
                         (self.need_local.add(arg) if self.active[arg] else self.need_full.setdefault(arg, node))
                 continue
-            if _is_assert(node):
+            if is_assert(node):
                 continue  # emitted only where the values it checks exist anyway
             fam = self.family.get(node)
             tokens = self.tokens(node)
             if not tokens:
-                if not (node in self.needed or _impure(node) or any(u in self.needed for u in node.users)):
+                if not (node in self.needed or is_impure(node) or any(u in self.needed for u in node.users)):
                     continue
                 self.needed.add(node)
                 if node.op in ("placeholder", "get_attr"):
@@ -143,7 +142,7 @@ class _Sharder:
                 raise UnsupportedModelError(
                     f"{describe(mixer)} mixes the tokens of an activation "
                     f"(it needs all of {describe(needed)} across the sequence), so it cannot run on one rank's "
-                    f"shard. {_mixing_hint(mixer)}ringify handles attention, token-local ops and reductions over "
+                    f"shard. {rule_for(mixer).hint(mixer) if mixer.op == 'call_function' else ''}ringify handles attention, token-local ops and reductions over "
                     "tokens; hint: move this op before the layers (on inputs) or replace it with attention, or "
                     "run this model without ringify."
                 )
@@ -158,7 +157,7 @@ class _Sharder:
                     self.compute_local.add(node)
                 self._demand_args(node)  # the end/start SymInts: full sizes
                 if fam == TABLE:
-                    self.needed.add(node.args[0])
+                    self.needed.add(operand(node))
                 continue
             if fam == MIX:
                 self.compute_full.add(node)
@@ -184,7 +183,7 @@ class _Sharder:
         while True:
             source = node
             while (self.family.get(source) != MIX and source.op == "call_function" and source.args
-                   and isinstance(source.args[0], fx.Node) and _moves_tokens(source)
+                   and isinstance(source.args[0], fx.Node) and rule_for(source).moves_tokens
                    and self.tokens(source.args[0]) and self.active.get(source.args[0])):
                 source = source.args[0]  # views and getitems move tokens, never mix them
             if self.family.get(source) != MIX or source in seen:
@@ -244,7 +243,7 @@ class _Sharder:
         for node in self.nodes:
             if node.op == "output":
                 self.emit_output(node)
-            elif _is_assert(node):
+            elif is_assert(node):
                 self.emit_assert(node)
             elif node not in self.needed:
                 continue
@@ -317,7 +316,7 @@ class _Sharder:
     def emit_tokenless(self, node: fx.Node) -> None:
         fam = self.family.get(node)
         if fam == REDUCE and self.active[node]:
-            self.shared[node] = self.emit_reduction(node)
+            self.shared[node] = rule_for(node).emit(node, self)
         elif node.op == "call_function" and self.active[node] and any(self.tokens(i) for i in node.all_input_nodes):
             self.shared[node] = self.copy(node, self.get_local)
         elif node.op in ("call_function", "call_module", "call_method"):
@@ -326,46 +325,25 @@ class _Sharder:
             self.shared[node] = self.graph.node_copy(node, self.get_full)
 
     def emit_local(self, node: fx.Node) -> fx.Node:
-        fam = self.family.get(node)
-        if fam == ATTENTION:
+        """The rank-local version of ``node``: the ring for attention, else its rule's emission or a copy on the
+        local inputs."""
+        if self.family.get(node) == ATTENTION:
             return self.emit_attention(node)
-        if fam == POSITIONS:
-            return self.emit_positions(node)
-        if fam == TABLE:
-            return self.emit_table(node)
-        if fam == REDUCE:
-            return self.emit_reduction(node)
-        return self.copy(node, self.get_local)
+        new = rule_for(node).emit(node, self)
+        return new if new is not None else self.copy(node, self.get_local)
 
-    def emit_positions(self, node: fx.Node) -> fx.Node:
-        args = list(node.args)
-        if len(args) == 1:
-            start, end, step = 0, args[0], 1
-        else:
-            start, end = args[0], args[1]
-            step = args[2] if len(args) > 2 else 1
-        dtype = node.kwargs.get("dtype", value(node).dtype)
-        device = node.kwargs.get("device", value(node).device)
-        self.plan.positions.append(_info(node))
-        get = lambda a: self.get_full(a) if isinstance(a, fx.Node) else a  # noqa: E731
-        return self.graph.call_function(
-            graph_calls.local_arange, (get(end), get(start), step, self.group, self.layout, dtype, device)
-        )
+    # what rules' emit() use
+    def as_full(self, arg):
+        """``arg`` (a node, a constant, or a list of them) in terms of the new graph's full values."""
+        return fx.node.map_arg(arg, self.get_full)
 
-    def emit_table(self, node: fx.Node) -> fx.Node:
-        """``table[..., start:start+S]`` -> the table's rows at this rank's global positions (+ start)."""
-        table, dim = node.args[0], node.args[1] % value(node.args[0]).dim()
-        if packet(node) is aten.narrow:
-            start, length = node.args[2], self.get_full(node.args[3]) if isinstance(node.args[3], fx.Node) else node.args[3]
-        else:
-            start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
-            length = value(node).shape[dim]
-            length = self.full_size(length) if isinstance(length, torch.SymInt) else length
-        get = lambda a: self.get_full(a) if isinstance(a, fx.Node) else a  # noqa: E731
-        self.plan.positions.append(_info(node, table=table.name))
-        return self.graph.call_function(
-            graph_calls.table_rows, (self.get_full(table), dim, get(start), length, self.group, self.layout)
-        )
+    def as_local(self, arg):
+        """``arg`` in terms of the new graph's local values (values without tokens: the shared ones)."""
+        return fx.node.map_arg(arg, self.get_local)
+
+    def record(self, kind: str, node: fx.Node, **extra) -> None:
+        """Note a rewrite in the plan (``kind``: ``reductions``, ``positions``...), for the report."""
+        getattr(self.plan, kind).append(_info(node, **extra))
 
     def emit_attention(self, node: fx.Node) -> fx.Node:
         q, k, v, mask = _attention_args(node)
@@ -398,27 +376,6 @@ class _Sharder:
         new.meta = dict(node.meta)
         return new
 
-    def emit_reduction(self, node: fx.Node) -> fx.Node:
-        op = packet(node)
-        get = lambda a: self.get_local(a) if isinstance(a, fx.Node) else a  # noqa: E731
-        args = [get(a) for a in node.args]
-        self.plan.reductions.append(_info(node))
-        if op is aten.sum or op is aten.mean:
-            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            dtype = node.kwargs.get("dtype")
-            fn = graph_calls.sum_over_ranks if op is aten.sum else graph_calls.mean_over_ranks
-            return self.graph.call_function(fn, (args[0], dims, keepdim, dtype, self.group))
-        if op is aten.cross_entropy_loss:
-            return self.graph.call_function(graph_calls.cross_entropy_over_ranks, tuple(args),
-                                            {**{k: get(v) for k, v in node.kwargs.items()}, "group": self.group})
-        if op in (aten.nll_loss, aten.nll_loss_nd):
-            return self.graph.call_function(graph_calls.nll_over_ranks, tuple(args[:5]), {"group": self.group})
-        if op in (aten.mse_loss, aten.l1_loss, aten.smooth_l1_loss):
-            return self.graph.call_function(graph_calls.pointwise_loss_over_ranks, (op.__name__, *args),
-                                            {"group": self.group})
-        raise UnsupportedModelError(f"{describe(node)} reduces over tokens in a way ringify does not rewrite yet")
-
     def emit_output(self, node: fx.Node) -> None:
         def out(arg):
             if not isinstance(arg, fx.Node):
@@ -441,7 +398,7 @@ class _Sharder:
             self.plan.outputs.append(_info(arg, gathered_dim=dims[0]))
             return self.graph.call_function(graph_calls.gather_output, (local, dims[0], self.group, self.layout, seq_len))
 
-        self.graph.output(_map(node.args[0], out))
+        self.graph.output(map_aggregate(node.args[0], out))
 
     def full_size(self, size) -> fx.Node:
         """A node of the new graph giving the full length of the sequence symbol ``size``."""
@@ -461,59 +418,6 @@ def _inside(path: str, modules: tuple[str, ...]) -> str:
     return next((m for m in modules if f".{m}." in path), "")
 
 
-def _moves_tokens(node: fx.Node) -> bool:
-    return node.target is operator.getitem or packet(node) in _VIEWS
-
-
-_HINTS = [
-    ({aten.cumsum, aten.cumprod, aten.logcumsumexp, aten.cummax, aten.cummin},
-     "A scan over the sequence (cumsum: linear attention, state-space scans) needs the running total of the "
-     "ranks before this one, which ringify does not pass between ranks. "),
-    ({aten.convolution, aten._convolution, aten.conv1d, aten.conv2d, aten.conv3d, aten.conv_transpose1d,
-      aten.conv_transpose2d, aten.conv_tbc},
-     "A convolution along the sequence (a causal depthwise conv1d as in Mamba's causal_conv1d, a convolutional "
-     "position embedding) needs the kernel_size-1 neighbouring tokens of the adjacent rank (a halo), which "
-     "ringify does not exchange. "),
-    ({aten.roll},
-     "A shift along the sequence (torch.roll, token shift) moves tokens across rank boundaries. "),
-    ({aten.sort, aten.argsort, aten.topk, aten.kthvalue, aten.median, aten.nanmedian, aten.mode, aten.max,
-      aten.min, aten.argmax, aten.argmin, aten.msort},
-     "Sorting or selecting (sort, top-k, max) over the sequence needs every token on one rank. "),
-]
-
-
-def _mixing_hint(node: fx.Node) -> str:
-    op = packet(node)
-    for ops, hint in _HINTS:
-        if op in ops:
-            return hint
-    return ""
-
-
-def _is_assert(node: fx.Node) -> bool:
-    return node.op == "call_function" and packet(node) in (aten._assert_tensor_metadata, aten._assert_scalar,
-                                                            aten.sym_constrain_range_for_size, aten._assert_async)
-
-
-def _impure(node: fx.Node) -> bool:
-    return node.op == "call_module" or (node.op == "call_function" and node.is_impure())
-
-
-def _map(arg, fn):
-    if isinstance(arg, (list, tuple)):
-        return type(arg)(_map(a, fn) for a in arg)
-    if isinstance(arg, dict):
-        return {k: _map(v, fn) for k, v in arg.items()}
-    return fn(arg)
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _is_plain_symbol(size) -> bool:
     return isinstance(size, torch.SymInt) and size.node.expr.is_Symbol
 
@@ -523,26 +427,6 @@ def _attention_args(node: fx.Node):
     q, k, v, mask = args[:4]
     mask = node.kwargs.get("mask", mask)
     return q, k, v, mask
-
-
-def _reduces_everything(node: fx.Node, symbols: set) -> bool:
-    """Whether a REDUCE node leaves no token dim (partial reductions that keep tokens are not sums over ranks)."""
-    if packet(node) in (aten.cross_entropy_loss, aten.nll_loss, aten.nll_loss_nd, aten.mse_loss, aten.l1_loss,
-                        aten.smooth_l1_loss, aten.binary_cross_entropy_with_logits):
-        reduction = _loss_reduction(node)
-        return reduction != 0
-    return not has_tokens(node, symbols)
-
-
-def _per_token_loss(node: fx.Node) -> bool:
-    return packet(node) in (aten.cross_entropy_loss, aten.nll_loss, aten.mse_loss) and _loss_reduction(node) == 0
-
-
-def _loss_reduction(node: fx.Node) -> int:
-    position = {aten.cross_entropy_loss: 3, aten.nll_loss: 3, aten.nll_loss_nd: 3}.get(packet(node), 2)
-    if len(node.args) > position:
-        return node.args[position]
-    return node.kwargs.get("reduction", 1)
 
 
 def shard_graph(gm: fx.GraphModule, symbols: set, *, group: str, layout: str, world_size: int,
