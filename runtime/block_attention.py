@@ -144,6 +144,7 @@ def torch_block_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, *, s
     ``lse`` is the final log-sum-exp over all blocks and ``delta = rowsum(dO * O)``: with them each
     block's softmax probabilities are recomputed exactly, without the other blocks. ``mask_fn`` and
     ``fill`` and ``softcap`` as in :func:`torch_block_forward` (then ``lse`` is the two-part extended state).
+    A :class:`MaskGradients` as ``mask_fn`` also accumulates the gradients of the mask's arguments.
     """
     if _extended(mask_fn, fill):
         return _masked_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, scale, causal, mask_fn, fill,
@@ -211,7 +212,11 @@ def _piece(mask_fn, q_pos, k_pos, qs, ql, ks, kl, visible, dims, fill):
     """
     if visible is False or mask_fn is None:
         return visible, None
-    m = _mask_5d(mask_fn(q_pos[qs : qs + ql], k_pos[ks : ks + kl]), *dims, ql, kl)
+    if isinstance(mask_fn, MaskGradients):  # the view to 5-D joins the graph that backward differentiates
+        with _autograd_on():
+            m = _mask_5d(mask_fn(q_pos[qs : qs + ql], k_pos[ks : ks + kl]), *dims, ql, kl)
+    else:
+        m = _mask_5d(mask_fn(q_pos[qs : qs + ql], k_pos[ks : ks + kl]), *dims, ql, kl)
     if m.dtype == torch.bool:
         if not bool(m.any()):
             return None if fill == float("-inf") else (False, None)
@@ -221,6 +226,64 @@ def _piece(mask_fn, q_pos, k_pos, qs, ql, ks, kl, visible, dims, fill):
     if fill == float("-inf") and bool(torch.isneginf(m).all()):
         return None
     return visible, m
+
+
+class _autograd_on:
+    """Autograd on, also inside a custom op's kernel (which runs with the autograd dispatch keys excluded and
+    grad mode off): the mask function's graph is recorded and differentiated there, and nothing else is."""
+
+    def __enter__(self):
+        self._guards = [torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False),
+                        torch.enable_grad()]
+        for guard in self._guards:
+            guard.__enter__()
+
+    def __exit__(self, *exc):
+        for guard in reversed(self._guards):
+            guard.__exit__(*exc)
+
+
+class MaskGradients:
+    """A block mask bound to its arguments whose floating arguments get gradients (T5's relative position
+    bias, a learned ALiBi slope: an additive bias computed from positions and a parameter).
+
+    Called like any bound mask, ``(q_pos, k_pos) -> Tensor``, but with grad enabled on detached copies of the
+    arguments flagged in ``needs``, so an additive result carries the graph back to them. The plain-torch
+    backward (:func:`torch_block_backward`) hands it, per piece, ``dS`` (the gradient of the loss with
+    respect to the final scores: the bias is added after the scale and after the soft-cap, so ``dBias = dS``
+    exactly) and :meth:`accumulate` backpropagates it through the mask function into fp32 accumulators.
+    Pieces the plan skips (every key hidden) have ``P = 0`` there, so they contribute nothing: skipping stays
+    exact. Only the plain-torch kernels take it (the fused and Triton kernels do not expose ``dS``)."""
+
+    def __init__(self, fn, args, needs):
+        needs = [bool(n) and isinstance(a, torch.Tensor) and a.is_floating_point() for a, n in zip(args, needs)]
+        self.fn = fn
+        self.args = [a.detach().requires_grad_() if n else a for a, n in zip(args, needs)]
+        self.needs = needs
+        self.wanted = [a for a, n in zip(self.args, needs) if n]
+        self.grads = [torch.zeros(a.shape, dtype=torch.float32, device=a.device) for a in self.wanted]
+
+    def __call__(self, q_pos, k_pos):
+        with _autograd_on():
+            return self.fn(q_pos, k_pos, *self.args)
+
+    def accumulate(self, bias: torch.Tensor, ds5: torch.Tensor) -> None:
+        """Add d loss / d args of one piece: ``bias`` as :func:`_piece` returned it (the mask's result viewed
+        to 5-D, with its graph), ``ds5`` the piece's dS ``[B, H_kv, G, Lq, Lk]``."""
+        if not self.wanted or not bias.requires_grad:
+            return
+        dims = [i for i in range(5) if bias.shape[i] == 1 and ds5.shape[i] != 1]
+        grad = ds5.sum(dims, keepdim=True) if dims else ds5
+        with _autograd_on():
+            grads = torch.autograd.grad(bias, self.wanted, grad.to(bias.dtype), allow_unused=True)
+        for acc, g in zip(self.grads, grads):
+            if g is not None:
+                acc.add_(g)
+
+    def results(self) -> list:
+        """Per argument: its gradient (in its dtype) or None where none was asked for."""
+        it = iter(self.grads)
+        return [next(it).to(a.dtype) if n else None for a, n in zip(self.args, self.needs)]
 
 
 def _masked_scores(q_f, k_blk, scale, keep, bias, fill, group, softcap: float = 0.0, slope: bool = False):
@@ -234,7 +297,7 @@ def _masked_scores(q_f, k_blk, scale, keep, bias, fill, group, softcap: float = 
     s, grad = _capped(torch.matmul(q_f, k_blk.transpose(-1, -2)).mul_(scale), softcap, slope)
     s5 = s.view(b, hkv, group, rows // group, kl)
     if bias is not None:
-        s5.add_(bias.to(torch.float32))
+        s5.add_(bias.detach().to(torch.float32))  # after scale and soft-cap: d bias = dS
     if keep is not None:
         s5.masked_fill_(~keep, fill)
     return (s, grad) if slope else s
@@ -286,6 +349,7 @@ def _masked_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, scale, c
     finite_fill = fill != float("-inf")
     dq5 = dq.view(b, hkv, group, lq, -1)
     dims = (b, hkv, group)
+    accumulate = getattr(mask_fn, "accumulate", None)  # a MaskGradients: gradients into the mask's arguments
     for qs, ql, ks, kl, visible in _plan(q_pos, k_pos, causal, skip_hidden=not finite_fill):
         piece = _piece(mask_fn, q_pos, k_pos, qs, ql, ks, kl, visible, dims, fill)
         if piece is None:
@@ -304,10 +368,12 @@ def _masked_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, scale, c
             continue  # every score is the constant fill: nothing flows to q or k
         delta_f = _fold(delta.unsqueeze(-1), hkv, qs, ql)
         ds = p.mul_(torch.matmul(do_f, v_blk.transpose(-1, -2)).sub_(delta_f))
-        if slope is not None:
-            ds.mul_(slope)  # through the soft-cap
         if finite_fill and keep is not None:
             ds.view(b, hkv, group, ql, kl).masked_fill_(~keep, 0.0)  # a filled score is a constant
+        if bias is not None and accumulate is not None:
+            accumulate(bias, ds.view(b, hkv, group, ql, kl))  # the bias is added after the soft-cap: dS itself
+        if slope is not None:
+            ds.mul_(slope)  # through the soft-cap
         dq5[:, :, :, qs : qs + ql] += torch.matmul(ds, k_blk).mul_(scale).view(b, hkv, group, ql, -1)
         dk[:, :, ks : ks + kl] += torch.matmul(ds.transpose(-1, -2), q_f).mul_(scale)
 

@@ -14,7 +14,15 @@ may be 1 or absent; H is the number of *query* heads) and is either
 - a floating ADDITIVE bias, added to the scaled scores (like the float ``attn_mask`` of SDPA).
 
 The function is called once per piece (never with the whole sequence), so it must not assume that it
-sees all positions at once. Examples::
+sees all positions at once.
+
+A floating argument that requires grad is differentiated through an additive result: T5's relative
+position bias (``weight[bucket(k_pos - q_pos)]``, ``weight`` [buckets, H]), learned ALiBi slopes, Swin's
+bias table. The bias joins the scores after the scale (and the soft-cap), so its gradient is the
+scores' ``dS = P * (dP - rowsum(dO * O))``; backward re-evaluates the function per piece with autograd on
+and backpropagates each piece's ``dS`` into the argument (each rank its own queries' share, summed over
+the ranks by the caller as ``sync_grad`` does). Nothing to mark: ``requires_grad`` is enough. Such
+backwards run the plain-torch block kernels. Examples::
 
     def sliding_window(q_pos, k_pos):                       # with causal=True: q - window < k <= q
         return (q_pos[:, None] - k_pos[None, :]) < 256

@@ -513,10 +513,13 @@ def fused_block_backward(q, k, v, do, lse, delta, dq, dk, dv, q_pos, k_pos, *, s
                          mask_fn=None, fill: float = float("-inf"), softcap: float = 0.0, out=None,
                          plan_key=None) -> None:
     """This block's share of dq (into ``dq``) and of dk, dv (into ``dk``, ``dv``), in place, from the global
-    output ``out`` and log-sum-exp ``lse`` (the fused backward recomputes the probabilities from them)."""
+    output ``out`` and log-sum-exp ``lse`` (the fused backward recomputes the probabilities from them).
+    A block mask whose arguments are differentiated (:class:`.block_attention.MaskGradients`: T5's relative
+    position bias) runs the plain-torch kernels: torch's fused backward does not give dS, the bias's gradient."""
     if delta is None:  # rowsum(dO * O), which only the plain-torch kernels below need
         delta = _LazyDelta(do, out)
-    if out is None or not supports(mask_fn, fill, softcap):
+    if out is None or not supports(mask_fn, fill, softcap) or hasattr(mask_fn, "accumulate"):
+        # a MaskGradients (gradients into the mask's arguments) needs dS per piece: the fused backward has none
         return block_attention.torch_block_backward(q, k, v, do, lse, delta[...], dq, dk, dv, q_pos, k_pos,
                                                     scale=scale, causal=causal, mask_fn=mask_fn, fill=fill,
                                                     softcap=softcap)

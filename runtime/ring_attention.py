@@ -10,7 +10,10 @@ blocks, each rank adding its share, and arrive back on the block's owner after t
 
 Masks: any block mask (see :mod:`.block_mask`) is evaluated per piece of (query shard, key block),
 on global positions, so no rank ever builds an [S, S] mask; pieces whose keys are all hidden are
-skipped (with ``fill = -inf``). Masked calls use the plain-torch block kernels on every device.
+skipped (with ``fill = -inf``). Masked calls use the plain-torch block kernels on every device (on CPU
+torch's fused flash kernel where it applies). Floating mask arguments that require grad (an additive
+bias computed from a parameter, as T5's relative position bias) get exact gradients: their backward
+runs the plain-torch block kernels, which give each piece's dS (see :class:`.block_attention.MaskGradients`).
 
 Registered as ``torch.ops.ringify.ring_attention`` (with a fake implementation and autograd), so a
 function that calls it works under ``torch.export`` and ``torch.compile(fullgraph=True)``.
@@ -73,12 +76,27 @@ def _kernel_options(mask: str, mask_args, fill: float, softcap: float) -> dict:
 
 
 def _bound_mask(mask: str, mask_args):
-    """``(q_pos, k_pos) -> mask`` for the kernels, or None."""
+    """``(q_pos, k_pos) -> mask`` for the kernels, or None. The arguments are detached: the forward and decoding
+    never build a graph through the mask (gradients into its arguments: :func:`_mask_gradients`)."""
     if not mask:
         return None
     fn = block_mask_fn(mask)
-    args = tuple(mask_args)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in mask_args)
     return lambda q_pos, k_pos: fn(q_pos, k_pos, *args)
+
+
+def _differentiable(mask: str, mask_args, mask_grad) -> list[bool]:
+    """Per mask argument: whether backward returns its gradient (a floating tensor flagged in ``mask_grad``)."""
+    flags = list(mask_grad or ()) + [False] * (len(mask_args) - len(mask_grad or ()))
+    return [bool(mask) and bool(n) and a.is_floating_point() for a, n in zip(mask_args, flags)]
+
+
+def _mask_gradients(mask: str, mask_args, needs):
+    """The bound mask of a backward that differentiates the mask's arguments (see
+    :class:`.block_attention.MaskGradients`), or None when none is asked for."""
+    if not any(needs):
+        return None
+    return block_attention.MaskGradients(block_mask_fn(mask), list(mask_args), needs)
 
 
 def _fill_bits(fill: float) -> int:
@@ -272,17 +290,30 @@ def ring_forward(q, k, v, group, causal: bool, scale: float, layout: str, timeou
 
 
 def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float, layout: str, timeout_s: float,
-                  mask: str = "", mask_args=(), fill: float = float("-inf"), softcap: float = 0.0, sinks=None):
-    """(dq, dk, dv, d sinks) for this rank's shards; dK/dV travel the ring one step behind their blocks.
+                  mask: str = "", mask_args=(), fill: float = float("-inf"), softcap: float = 0.0, sinks=None,
+                  mask_grad=()):
+    """(dq, dk, dv, d sinks, d mask_args) for this rank's shards; dK/dV travel the ring one step behind their
+    blocks.
 
     ``out`` and ``lse`` are the forward's, sinks included: the sink column has no value, so the usual
     backward with them is exact for q, k, v. d sinks (None without sinks) is this rank's rows' share, as
-    every parameter gradient of a ringified graph is (``sync_grad`` sums it over the ranks)."""
+    every parameter gradient of a ringified graph is (``sync_grad`` sums it over the ranks).
+
+    ``mask_grad``: per mask argument, whether to differentiate it (floating arguments only); d mask_args is
+    a list with the gradient or None per argument, again this rank's rows' share (its queries against every
+    key block; ``sync_grad`` sums it). An additive bias joins the scores after the scale and the soft-cap,
+    so its gradient is dS = P * (dP - rowsum(dO * O)) per piece, backpropagated through the mask function.
+    Such a backward runs the plain-torch block kernels (the fused and Triton ones do not expose dS)."""
     lengths = _agree(q, k, v, group, causal, layout, timeout_s, grad_out=grad_out, mask=mask, fill=fill,
                      softcap=softcap, sinks=sinks)
     ring = _Ring(q, k, v, group, causal, layout, timeout_s, lengths, fill)
-    _, backward_block = _block_kernels(q.device.type, mask, fill, softcap)
-    options = _kernel_options(mask, mask_args, fill, softcap)
+    mask_grads = _mask_gradients(mask, mask_args, _differentiable(mask, mask_args, mask_grad))
+    if mask_grads is None:
+        _, backward_block = _block_kernels(q.device.type, mask, fill, softcap)
+        options = _kernel_options(mask, mask_args, fill, softcap)
+    else:  # dS is needed per piece: the plain-torch kernels, on every device
+        backward_block = block_attention.torch_block_backward
+        options = {"mask_fn": mask_grads, "fill": fill, **({"softcap": softcap} if softcap else {})}
     fused = backward_block is fused_attention.fused_block_backward
     if fused:
         options["out"] = out  # the global output: the fused backward recomputes probabilities from it and lse
@@ -327,7 +358,8 @@ def ring_backward(grad_out, q, k, v, out, lse, group, causal: bool, scale: float
     dk, dv = (g if g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(share, (k, v)))
     dsinks = None if sinks is None else block_attention.sink_grad(grad_out, out, lse, sinks, _extended(mask, fill),
                                                                   delta)
-    return dq.to(q.dtype), dk, dv, dsinks
+    dmask = mask_grads.results() if mask_grads is not None else [None] * len(mask_args)
+    return dq.to(q.dtype), dk, dv, dsinks, dmask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,17 +390,23 @@ def ring_attention_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, group: str, causal: bool, scale: float, layout: str, timeout: float, mask: str,
     mask_args: list[torch.Tensor], fill: float, softcap: float, sinks: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, d sinks); d sinks is empty without sinks (an op returns tensors)."""
-    dq, dk, dv, dsinks = ring_backward(grad_out, q, k, v, out, lse, resolve_group(group), causal, scale, layout,
-                                       timeout, mask, mask_args, fill, softcap, sinks)
-    return dq, dk, dv, q.new_empty(0) if dsinks is None else dsinks
+    mask_grad: list[bool] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(dq, dk, dv, d sinks, d mask_args); d sinks is empty without sinks (an op returns tensors), and so is
+    the gradient of every mask argument not flagged in ``mask_grad`` (or not floating)."""
+    dq, dk, dv, dsinks, dmask = ring_backward(grad_out, q, k, v, out, lse, resolve_group(group), causal, scale,
+                                              layout, timeout, mask, mask_args, fill, softcap, sinks, mask_grad)
+    dmask = [a.new_empty(0) if g is None else g for a, g in zip(mask_args, dmask)]
+    return dq, dk, dv, q.new_empty(0) if dsinks is None else dsinks, dmask
 
 
 @ring_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, group, causal, scale, layout, timeout, mask, mask_args, fill, softcap, sinks=None):
+def _(grad_out, q, k, v, out, lse, group, causal, scale, layout, timeout, mask, mask_args, fill, softcap, sinks=None,
+      mask_grad=None):
     dsinks = q.new_empty(0) if sinks is None else sinks.new_empty(sinks.shape)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks  # contiguous, like the real ones
+    dmask = [a.new_empty(a.shape if n else 0) for a, n in zip(mask_args, _differentiable(mask, mask_args, mask_grad))]
+    # contiguous, like the real ones
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsinks, dmask
 
 
 def _setup_context(ctx, inputs, output):
@@ -378,13 +416,16 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
     ctx.options = (group, causal, scale, layout, timeout, mask)
     ctx.fill, ctx.softcap = fill, softcap
+    # floating mask arguments that require grad (T5's relative position bias table, learned slopes) get one
+    ctx.mask_grad = _differentiable(mask, mask_args, [a.requires_grad for a in mask_args])
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, sinks, *mask_args = ctx.saved_tensors
-    dq, dk, dv, dsinks = ring_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, *ctx.options, mask_args,
-                                                    ctx.fill, ctx.softcap, sinks)
-    grads = (dq, dk, dv, None, None, None, None, None, None, [None] * len(mask_args), None, None)
+    dq, dk, dv, dsinks, dmask = ring_attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, *ctx.options,
+                                                           mask_args, ctx.fill, ctx.softcap, sinks, ctx.mask_grad)
+    dmask = [g if n else None for g, n in zip(dmask, ctx.mask_grad)]
+    grads = (dq, dk, dv, None, None, None, None, None, None, dmask, None, None)
     # the dispatcher drops a trailing argument at its default (sinks=None): a gradient only for one given
     return grads if sinks is None else (*grads, dsinks)
 
@@ -409,8 +450,13 @@ def ring_attention(q, k, v, group=None, *, causal: bool = False, scale: float | 
     ``mask``: a block-mask function ``fn(q_pos, k_pos, *mask_args) -> Tensor`` (or the key that
     :func:`register_block_mask` gave it) returning a bool keep-mask or a float additive bias that
     broadcasts to ``[B, H, Lq, Lk]`` for the given global positions; see :mod:`.block_mask`. It is
-    called per piece, never with the whole sequence. ``mask_args``: tensors it reads (not
-    differentiated; on the device of q). With ``causal`` the two combine (a key must pass both).
+    called per piece, never with the whole sequence. ``mask_args``: tensors it reads (on the device of q).
+    A floating one that requires grad gets its gradient through the additive bias the function computes
+    from it (T5's relative position bias ``weight[bucket(k_pos - q_pos)]``, learned ALiBi slopes, Swin's
+    bias table): each piece's dS backpropagated through the function, this rank's rows' share (summed
+    over the ranks by the caller, as ``sync_grad`` does). Those backwards run the plain-torch block
+    kernels (the fused and Triton kernels do not expose dS). With ``causal`` the two combine (a key must
+    pass both).
     ``fill``: the score a hidden key takes (causal or bool mask): -inf (hidden keys weigh nothing;
     rows with no visible key give 0) or a finite value such as ``torch.finfo(dtype).min``, reproduced
     exactly (a row whose keys are all filled gets a uniform softmax, as in the unsharded model).

@@ -265,3 +265,93 @@ def test_merge_partials_applies_sinks_once(seed):
     once, once_lse = block_attention.merge_partials([whole], [whole_lse], False, sinks)
     assert torch.allclose(merged, once, atol=1e-6) and torch.allclose(lse, once_lse)
     assert torch.all(merged[:, :, 0] == 0) and torch.equal(lse[:, :, 0], sinks.view(1, 2))  # position 2 sees no key
+
+
+# ---- gradients into the arguments of an additive block mask ------------------------------------------------
+
+
+def head_bias(q_pos, k_pos, table):
+    """A learned bias per (head, distance) from a table [H, 2 * 40 + 1], hidden beyond a distance of 9."""
+    rel = k_pos[None, :] - q_pos[:, None]
+    bias = table[:, rel + 40].unsqueeze(0)  # [1, H, Lq, Lk]
+    return bias.masked_fill((rel.abs() > 9).view(1, 1, *rel.shape), float("-inf"))
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("softcap,fill", [(0.0, float("-inf")), (1.5, float("-inf")), (0.0, -1e9)])
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_mask_gradients_of_two_blocks(seed, monkeypatch, positions, softcap, fill, kv_heads):
+    """``MaskGradients`` through the plain-torch kernels (tiles of 4, so pieces are skipped and masked) over two
+    key blocks: d table == fp64 autograd of ``softmax(cap(q k^T * scale) + bias, causal hidden = fill) @ v``."""
+    monkeypatch.setattr(block_attention, "TILE", 4)
+    g = torch.Generator().manual_seed(seed)
+    q_pos, k_pos = POSITIONS[positions]
+    lq, lk, scale = len(q_pos), len(k_pos), 0.6
+    q, do = torch.randn(2, 4, lq, 8, generator=g), torch.randn(2, 4, lq, 8, generator=g)
+    k, v = (torch.randn(2, kv_heads, lk, 8, generator=g) for _ in range(2))
+    table = torch.randn(4, 81, generator=g) * 3
+
+    ref_in = [t.double().requires_grad_() for t in (q, k, v, table)]
+    group = 4 // kv_heads
+    s = ref_in[0] @ ref_in[1].repeat_interleave(group, 1).transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    s = (s + head_bias(q_pos, k_pos, ref_in[3])).masked_fill(k_pos[None, :] > q_pos[:, None], fill)
+    top = s.amax(-1, keepdim=True).detach()  # rows with no visible key (zigzag: 24..27) give 0, not NaN
+    e = torch.exp(s - torch.where(torch.isneginf(top), 0.0, top))
+    total = e.sum(-1, keepdim=True)
+    ref = (e / torch.where(total > 0, total, 1.0)) @ ref_in[2].repeat_interleave(group, 1)
+    ref.backward(do.double())
+
+    mask_fn = lambda a, b: head_bias(a, b, table)
+    out, lse = torch.zeros(2, 4, lq, 8), torch.zeros(2, 2, 4, lq)
+    lse[0] = float("-inf")
+    half = lk // 2
+    kw = dict(scale=scale, causal=True, fill=fill, softcap=softcap)
+    for part in (slice(0, half), slice(half, lk)):
+        torch_block_forward(q, k[:, :, part], v[:, :, part], out, lse, q_pos, k_pos[part], mask_fn=mask_fn, **kw)
+    grads = block_attention.MaskGradients(head_bias, [table], [True])  # one accumulator over both blocks
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for part in (slice(0, half), slice(half, lk)):
+        torch_block_backward(q, k[:, :, part], v[:, :, part], do, lse, (do * out).sum(-1), dq, dk[:, :, part],
+                             dv[:, :, part], q_pos, k_pos[part], mask_fn=grads, **kw)
+    (dtable,) = grads.results()
+    expected = (ref, *(t.grad for t in ref_in))
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), (out, dq, dk, dv, dtable), expected):
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err < 1e-5, (name, err)
+
+
+def check_decode_with_a_learned_bias(seed, prompt, layout):
+    """Decoding takes a mask argument that requires grad (it is just an argument: no gradient, no graph)."""
+    import torch.distributed as dist
+
+    from ringify.runtime import kv_cache, register_block_mask
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 4, 1, 8, generator=g)
+    k, v = torch.randn(2, 2, prompt + 1, 8, generator=g), torch.randn(2, 2, prompt + 1, 8, generator=g)
+    table = (torch.randn(4, 81, generator=g) * 3).requires_grad_()
+    cache = kv_cache.ShardedKVCache("", kv_cache.slots_per_rank(prompt, 2, world))
+    cache.begin(prompt, layout, "cpu")
+    mine = layout_positions(prompt, world, rank, layout)
+    cache.store(0, k[:, :, mine], v[:, :, mine])
+    cache.step(prompt, append=True)
+    slot = kv_cache.new_slot()
+    with kv_cache.bound(slot, cache):
+        out = kv_cache.cache_attention(q, k[:, :, prompt:], v[:, :, prompt:], [table], slot=slot, layer=0,
+                                       mask_fn=register_block_mask(head_bias), scale=0.3, causal=True,
+                                       fill=float("-inf"), softcap=0.0, group="")
+    assert not out.requires_grad
+    s = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2) * 0.3
+    s = s + head_bias(torch.tensor([prompt]), torch.arange(prompt + 1), table.detach().double())
+    ref = torch.softmax(s, -1) @ v.double().repeat_interleave(2, dim=1)
+    error = ((out.double() - ref).norm() / ref.norm()).item()
+    assert error < 1e-5, error
+    return error
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_decode_with_a_learned_bias_argument(ranks, seed, world_size):
+    ranks(world_size).run(check_decode_with_a_learned_bias, seed, 4 * world_size + 3, "zigzag")

@@ -1,6 +1,7 @@
 """Ring attention on real gloo process groups against single-process SDPA on the full sequence."""
 
 import itertools
+import math
 import os
 import time
 
@@ -330,3 +331,183 @@ def test_value_head_dim_and_sinks_through_triton_kernels(seed, monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned ranks when they import triton
     with LocalRanks(2) as pool:
         pool.run(check_mla_and_sinks, seed, 19, "zigzag", "triton")
+
+
+# ---- gradients into the arguments of an additive block mask (T5's relative position bias, learned ALiBi) ----
+
+
+def t5_bucket(relative, bidirectional, num_buckets=8, max_distance=16):
+    """T5's ``_relative_position_bucket`` of ``k_pos - q_pos`` (HuggingFace's code, small sizes: the
+    logarithmic buckets are reached within a test's length)."""
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative > 0).long() * num_buckets
+        relative = relative.abs()
+    else:
+        relative = -torch.clamp(relative, max=0)
+    exact = num_buckets // 2
+    large = exact + (torch.log(relative.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                     * (num_buckets - exact)).long()
+    return buckets + torch.where(relative < exact, relative, large.clamp(max=num_buckets - 1))
+
+
+def t5_encoder_bias(q_pos, k_pos, weight, keep):
+    """T5 encoder: bidirectional bucketed bias ``weight[bucket]`` ([buckets, H] -> [1, H, Lq, Lk]), padded keys
+    hidden (-inf)."""
+    bias = weight[t5_bucket(k_pos[None, :] - q_pos[:, None], True)].permute(2, 0, 1).unsqueeze(0)
+    return bias.masked_fill(~keep[:, None, None, k_pos], float("-inf"))
+
+
+def t5_decoder_bias(q_pos, k_pos, weight):
+    """T5 decoder self-attention: the one-sided buckets (with ``causal``)."""
+    return weight[t5_bucket(k_pos[None, :] - q_pos[:, None], False)].permute(2, 0, 1).unsqueeze(0)
+
+
+def t5_decoder_bias_hf_padding(q_pos, k_pos, weight, keep):
+    """The decoder bias plus HuggingFace's additive padding mask (``finfo.min`` at padded keys)."""
+    pad = torch.where(keep[:, None, None, k_pos], 0.0, torch.finfo(torch.float32).min).to(weight.dtype)
+    return t5_decoder_bias(q_pos, k_pos, weight) + pad
+
+
+def learned_alibi(q_pos, k_pos, slopes):
+    """ALiBi with learned per-head slopes: ``slope_h * (k_pos - q_pos)`` (with ``causal``)."""
+    return slopes.view(1, -1, 1, 1) * (k_pos[None, :] - q_pos[:, None]).to(slopes.dtype)
+
+
+def learned_alibi_padded(q_pos, k_pos, slopes, keep):
+    """Bidirectional ALiBi, ``-slope_h * |k_pos - q_pos|``, padded keys hidden by a bool-free -inf."""
+    bias = -slopes.view(1, -1, 1, 1) * (k_pos[None, :] - q_pos[:, None]).abs().to(slopes.dtype)
+    return bias.masked_fill(~keep[:, None, None, k_pos], float("-inf"))
+
+
+# (causal, mask, fill, softcap, sinks, kind of learned argument: "table" [8, H] or "slopes" [H], padding)
+MASK_GRAD_CASES = [
+    (False, t5_encoder_bias, float("-inf"), 0.0, False, "table", True),
+    (True, t5_decoder_bias, float("-inf"), 0.0, False, "table", False),
+    (True, t5_decoder_bias_hf_padding, torch.finfo(torch.float32).min, 0.0, False, "table", True),
+    (True, t5_decoder_bias, float("-inf"), 1.5, True, "table", False),
+    (True, learned_alibi, float("-inf"), 0.0, False, "slopes", False),
+    (False, learned_alibi_padded, float("-inf"), 0.0, True, "slopes", True),
+]
+
+
+def bias_reference(q, k, v, mask, args, causal, fill, softcap, sinks):
+    """fp64 ``softmax(cap(q k^T * scale) + mask(pos, pos, *args), hidden keys = fill) @ v`` on the full sequence
+    (with the sink column when ``sinks``)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    pos = torch.arange(q.shape[2])
+    s = s + mask(pos, pos, *args)
+    if causal:
+        s = s.masked_fill(pos[None, :] > pos[:, None], fill)
+    if sinks is not None:
+        s = torch.cat([s, sinks.view(1, -1, 1, 1).expand(*s.shape[:3], 1)], -1)
+    top = s.amax(-1, keepdim=True).detach()
+    e = torch.exp(s - torch.where(torch.isneginf(top), 0.0, top))
+    total = e.sum(-1, keepdim=True)
+    return (e / torch.where(total > 0, total, 1.0))[..., : k.shape[2]] @ v
+
+
+def check_mask_gradients(seed, seq_len, layout, kernel):
+    """Every case of MASK_GRAD_CASES through the ring (fp32) against the fp64 reference: out, dq, dk, dv and the
+    gradient of the learned mask argument (each rank's share, summed over the ranks as sync_grad would)."""
+    saved = os.environ.get("RINGIFY_KERNEL")
+    os.environ["RINGIFY_KERNEL"] = kernel
+    try:
+        return [_mask_gradient_errors(seed + i, seq_len, layout, *case) for i, case in enumerate(MASK_GRAD_CASES)]
+    finally:
+        os.environ.pop("RINGIFY_KERNEL") if saved is None else os.environ.update(RINGIFY_KERNEL=saved)
+
+
+def _mask_gradient_errors(seed, seq_len, layout, causal, mask, fill, softcap, with_sinks, learned, padded):
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda h: torch.randn(2, h, seq_len, 8, generator=g, dtype=torch.float64)
+    q, k, v, grad = draw(4), draw(2), draw(2), draw(4)
+    # large enough to bend the result: a bias table of randn * 3, slopes of randn * 0.5 over distances ~ S
+    param = torch.randn(8, 4, generator=g, dtype=torch.float64) * 3 if learned == "table" else \
+        torch.randn(4, generator=g, dtype=torch.float64) * 0.5
+    keep = torch.rand(2, seq_len, generator=g) > 0.3
+    keep[:, 0] = True
+    sinks = torch.randn(4, generator=g, dtype=torch.float64) * 3 if with_sinks else None
+    full = [t.clone().requires_grad_() for t in (q, k, v, param)]
+    ref_sinks = sinks.clone().requires_grad_() if with_sinks else None
+    ref = bias_reference(*full[:3], mask, [full[3], *([keep] if padded else [])], causal, fill, softcap, ref_sinks)
+    ref.backward(grad)
+
+    local = [shard_sequence(t.float(), 2, layout=layout).requires_grad_() for t in (q, k, v)]
+    param32 = param.float().requires_grad_()
+    sinks32 = sinks.float().requires_grad_() if with_sinks else None
+    out = ring_attention(*local, causal=causal, layout=layout, mask=mask,
+                         mask_args=[param32, *([keep] if padded else [])], fill=fill, softcap=softcap, sinks=sinks32)
+    out.backward(shard_sequence(grad.float(), 2, layout=layout))
+    gathered = [gather_sequence(t, 2, layout=layout, seq_len=seq_len) for t in (out.detach(), *(x.grad for x in local))]
+    dist.all_reduce(param32.grad)
+    gathered.append(param32.grad)
+    expected = [ref.detach(), *(x.grad for x in full)]
+    if with_sinks:
+        dist.all_reduce(sinks32.grad)
+        gathered.append(sinks32.grad)
+        expected.append(ref_sinks.grad)
+    assert all(torch.isfinite(t).all() for t in gathered)
+    errors = [rel_err(a.double(), b) for a, b in zip(gathered, expected)]
+    assert max(errors) < 1e-5, f"out/dq/dk/dv/d{learned}[/dsinks] relative errors {errors} (causal={causal}, " \
+        f"mask={mask.__name__}, fill={fill}, softcap={softcap})"
+    return errors
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradients_into_additive_mask_arguments(ranks, seed, world_size, layout):
+    """T5's relative position bias (with padding, causal, HF's finfo.min padding, a soft-cap, sinks) and learned
+    ALiBi slopes: exact gradients into the table and the slopes, with the fused forward and the plain one."""
+    for kernel in ("auto", "torch"):
+        ranks(world_size).run(check_mask_gradients, seed, 8 * world_size + 3, layout, kernel)
+
+
+def test_learned_bias_bends_the_result_and_needs_no_grad(seed):
+    """The bias is large enough to matter; without requires_grad nothing is differentiated (and no gradient)."""
+    q, k, v, _ = make_qkv(seed, 11, 4, 2)
+    weight = torch.randn(8, 4, generator=torch.Generator().manual_seed(seed)) * 3
+    plain = ring_attention(q, k, v, causal=True)
+    biased = ring_attention(q, k, v, causal=True, mask=t5_decoder_bias, mask_args=[weight])
+    assert rel_err(biased, plain) > 1e-2
+    q.requires_grad_()
+    ring_attention(q, k, v, causal=True, mask=t5_decoder_bias, mask_args=[weight]).sum().backward()
+    assert weight.grad is None and q.grad is not None
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_opcheck_with_a_differentiable_mask_argument(seed, causal):
+    """Schema, fake implementation and autograd of the op agree when a mask argument requires grad (next to one
+    that cannot: the bool padding flags)."""
+    from ringify.runtime import register_block_mask
+    from ringify.runtime.ring_attention import ring_attention_op
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, h, 11, 8, generator=g).requires_grad_() for h in (4, 2, 2))
+    weight = (torch.randn(8, 4, generator=g) * 3).requires_grad_()
+    keep = torch.rand(2, 11, generator=g) > 0.3
+    keep[:, 0] = True
+    key = register_block_mask(t5_encoder_bias)
+    torch.library.opcheck(ring_attention_op, (q, k, v, "", causal, 0.35, "zigzag", 30.0, key, [weight, keep],
+                                              float("-inf"), 0.0))
+
+
+def test_compile_fullgraph_with_a_learned_bias(seed):
+    """torch.compile(fullgraph=True) of a call whose mask argument requires grad: the same gradients as eager."""
+    q, k, v, _ = make_qkv(seed, 13, 4, 2)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(8, 4, generator=g) * 3).requires_grad_()
+    keep = torch.rand(2, 13, generator=g) > 0.3
+    keep[:, 0] = True
+    f = lambda q, k, v, w, keep: ring_attention(q, k, v, causal=True, mask=t5_encoder_bias, mask_args=[w, keep]).tanh()
+    eager = f(q, k, v, weight, keep)
+    eager_grads = torch.autograd.grad(eager.sum(), (q, k, v, weight))
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, weight, keep)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, weight))
+    assert max(rel_err(a, b) for a, b in zip((out, *grads), (eager, *eager_grads))) < 1e-6
