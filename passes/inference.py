@@ -90,7 +90,7 @@ def decode_graph(ring: fx.GraphModule, slot: str) -> fx.GraphModule:
                 new = graph.call_function(
                     kv_cache.cache_attention, (q, k, v, mask_args),
                     dict(slot=slot, layer=layers[node], mask_fn=kw["mask_fn"], scale=kw["scale"], causal=kw["causal"],
-                         fill=kw["fill"], softcap=kw.get("softcap", 0.0), group=kw["group"]))
+                         fill=kw["fill"], softcap=kw.get("softcap", 0.0), group=kw["group"], sinks=kw.get("sinks")))
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)

@@ -19,20 +19,24 @@ the source line.
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 
+import sympy
 import torch
 from torch import fx
 
 from ..errors import UnsupportedModelError
 from ..runtime import graph_calls
 from ..runtime.block_mask import register_block_mask
-from ..runtime.collectives import sync_grad
+from ..runtime.collectives import once_over_ranks, sync_grad
+from .frames import Frame, cuttable, whole
 from .fx import describe, fetch_attr, is_assert, is_impure, map_aggregate, module_path, source_line, value
 from .masks import block_mask
-from .rules import ATTENTION, LOCAL, MIX, POSITIONS, REDUCE, TABLE, classify, rule_for
+from .rules import ATTENTION, JOIN, LOCAL, MIX, POSITIONS, REDUCE, SELECT, SLICE, TABLE, classify, rule_for
 from .rules.base import operand
-from .sequence import Tokens, has_tokens, token_dims
+from .rules.mutation import mutated_aliases
+from .sequence import Tokens, has_tokens, size_expr, token_dims
 
 aten = torch.ops.aten
 
@@ -46,6 +50,7 @@ class ShardPlan:
     positions: list[dict] = field(default_factory=list)
     full_ops: list[dict] = field(default_factory=list)
     shards: list[dict] = field(default_factory=list)
+    slices: list[dict] = field(default_factory=list)  # slices / selected tokens of activations along the sequence
     outputs: list[dict] = field(default_factory=list)
     synced_parameters: int = 0
     token_local_modules: list[str] = field(default_factory=list)  # run whole on this rank's tokens (MoE experts)
@@ -81,12 +86,16 @@ class _Sharder:
 
     def analyse(self) -> None:
         params = {id(p) for p in self.gm.parameters()}
+        self.param_only: set[fx.Node] = set()  # computed from parameters and constants alone (w.t(), a reshape)
         for node in self.nodes:
             if node.op == "get_attr":
                 self.active[node] = id(fetch_attr(self.gm, node.target)) in params
+                self.param_only.add(node)
                 continue
             inputs = node.all_input_nodes
             self.active[node] = any(self.active.get(i, False) for i in inputs)
+            if node.op == "call_function" and inputs and all(i in self.param_only for i in inputs):
+                self.param_only.add(node)
             if node.op != "call_function":
                 continue
             touches = self.tokens(node) or any(self.tokens(i) for i in inputs)
@@ -127,13 +136,18 @@ class _Sharder:
                 if node.op in ("placeholder", "get_attr"):
                     continue
                 # a value without tokens (a loss, a count, a size): from local inputs if they are activations
-                use_local = fam in (REDUCE, LOCAL, ATTENTION) and self.active[node]
+                if fam == SELECT and not self.active[node]:
+                    self.family[node] = fam = MIX  # one token of a value every rank holds: read it there
+                use_local = fam in (REDUCE, LOCAL, ATTENTION, SELECT) and self.active[node]
                 self._demand_inputs(node, local=use_local)
                 continue
+            self._demand_write(node)
             wanted_full = node in self.need_full
             wanted_local = node in self.need_local
             if not (wanted_full or wanted_local):
                 continue
+            if fam in (SLICE, JOIN) and not self.active[node]:
+                self.family[node] = fam = MIX  # of values every rank holds whole: computed there, cut after
             self.needed.add(node)
             if node.op == "placeholder":
                 continue
@@ -163,6 +177,13 @@ class _Sharder:
                 self.compute_full.add(node)
                 self._demand_inputs(node, local=False, consumer=node)
                 continue
+            if fam == JOIN:  # whole from the local activations (gathered) and full inputs; cut where used
+                self.compute_full.add(node)
+                for arg in node.all_input_nodes:
+                    self.needed.add(arg)
+                    if self.tokens(arg):
+                        (self.need_local.add(arg) if self.active[arg] else self.need_full.setdefault(arg, node))
+                continue
             # token-local
             if wanted_full:
                 self.compute_full.add(node)
@@ -170,6 +191,15 @@ class _Sharder:
             if wanted_local:
                 self.compute_local.add(node)
                 self._demand_inputs(node, local=True)
+
+    def _demand_write(self, node: fx.Node) -> None:
+        """An in-place write (``key[..., :8].copy_(k)``: a node without users) is needed in every version
+        in which a tensor it changes (its base, any view of that) is needed (:mod:`.rules.mutation`)."""
+        for alias in mutated_aliases(node):
+            if alias in self.need_local:
+                self.need_local.add(node)
+            if alias in self.need_full:
+                self.need_full.setdefault(node, self.need_full[alias])
 
     def blame(self, consumer: fx.Node, node: fx.Node) -> tuple[fx.Node, fx.Node]:
         """The op that actually mixes tokens, and the activation it needs whole, for a refusal.
@@ -207,18 +237,23 @@ class _Sharder:
             for arg in (q, k, v):
                 self.needed.add(arg)
                 self.need_local.add(arg)
+            sinks = node.kwargs.get("sinks")
+            if sinks is not None:
+                if self.tokens(sinks):
+                    raise UnsupportedModelError(f"the attention sinks of {describe(node)} depend on the sequence")
+                self.needed.add(sinks)
             if mask is not None:
                 plan = self.masks.get(mask)
                 if plan is None:
                     plan = self.masks[mask] = block_mask(mask, self.symbols)
                 for leaf in plan.leaves:
                     self.needed.add(leaf)
+                    if self.active.get(leaf) and not (leaf in self.param_only and not self.tokens(leaf)):
+                        raise UnsupportedModelError(
+                            f"the attention mask of {describe(node)} depends on activations through "
+                            f"{describe(leaf)}; ringify evaluates masks from positions, inputs, buffers and "
+                            "parameters (a learned bias table) only")
                     if self.tokens(leaf):
-                        if self.active.get(leaf):
-                            raise UnsupportedModelError(
-                                f"the attention mask of {describe(node)} depends on activations through "
-                                f"{describe(leaf)}; ringify evaluates masks from positions, inputs and buffers only"
-                            )
                         self.need_full.setdefault(leaf, node)
             return
         for arg in node.all_input_nodes:
@@ -240,6 +275,12 @@ class _Sharder:
         self.full: dict[fx.Node, fx.Node] = {}
         self.local: dict[fx.Node, fx.Node] = {}
         self.shared: dict[fx.Node, fx.Node] = {}
+        self.frames: dict[fx.Node, Frame] = {}  # the tokens a local value holds, where not all of its sequence
+        self.bound: set[fx.Node] = set()  # local values whose rows are fixed (activations, positions): not re-cut
+        self.reframed: dict[tuple, fx.Node] = {}  # local versions of other values at another frame
+        self.once: dict[fx.Node, fx.Node] = {}
+        self.replicated: set[fx.Node] = set()  # values without tokens summed or handed over from every rank
+        self.current_frame: Frame | None = None
         for node in self.nodes:
             if node.op == "output":
                 self.emit_output(node)
@@ -260,7 +301,7 @@ class _Sharder:
                 self.emit_tokenless(node)
             else:
                 if node in self.compute_full:
-                    self.full[node] = self.copy(node, self.get_full)
+                    self.full[node] = rule_for(node).emit_full(node, self) or self.copy(node, self.get_full)
                     if self.family.get(node) == MIX:
                         self.plan.full_ops.append(_info(node))
                 if node in self.compute_local:
@@ -287,50 +328,170 @@ class _Sharder:
             return self.full[node]
         raise AssertionError(f"ringify: no full version of {node.name}")
 
-    def get_local(self, node: fx.Node) -> fx.Node:
-        if node in self.local:
-            return self.local[node]
-        if not self.tokens(node) and node in self.shared:
-            return self.shared[node]
-        if node in self.full:  # cut the full value here: the cheapest point
+    def get_local(self, node: fx.Node, frame: Frame | None = None) -> fx.Node:
+        """This rank's version of ``node`` holding the tokens of ``frame`` (default: the frame of the op being
+        emitted, else the value's own). Values cut from full ones, and local copies of them, are cut again at
+        another frame when an op pairs them with sliced activations (``labels[:, 1:]`` with ``logits[:, :-1]``)."""
+        frame = frame if frame is not None else self.current_frame
+        if not self.tokens(node):
+            if node in self.local:
+                return self.local[node]
+            if node in self.shared:
+                return self.shared[node]
+        if node not in self.local and node in self.full:  # cut the full value here: the cheapest point
             self.local[node] = self.shard(node)
+        if node not in self.local:
+            if node in self.shared:
+                return self.shared[node]
+            raise AssertionError(f"ringify: no local version of {node.name}")
+        if frame is None or frame == self.frame_of(node):
             return self.local[node]
-        if node in self.shared:
-            return self.shared[node]
-        raise AssertionError(f"ringify: no local version of {node.name}")
+        if node in self.bound:
+            raise UnsupportedModelError(
+                f"{describe(node)} holds the tokens of {self.frame_of(node)}, but is paired with a value holding "
+                f"{frame}: the op pairs different tokens (a shift, x[:, 1:] - x[:, :-1]), which needs the tokens of "
+                "neighbouring ranks. Hint: shift an input (the labels) rather than an activation.")
+        key = (node, frame)
+        if key not in self.reframed:
+            saved, self.current_frame = self.current_frame, frame
+            try:
+                self.reframed[key] = (self.shard(node, frame) if node in self.full
+                                      else self.copy(node, lambda n: self.get_local(n, frame)))
+            finally:
+                self.current_frame = saved
+        return self.reframed[key]
 
-    def shard(self, node: fx.Node) -> fx.Node:
+    def frame_of(self, node: fx.Node) -> Frame:
+        """The tokens this rank's version of ``node`` holds: a frame set by a slice, else its whole sequence."""
+        if node in self.frames:
+            return self.frames[node]
+        dims = token_dims(node, self.symbols)
+        return whole(value(node).shape[dims[0]]) if len(dims) == 1 else whole(0)
+
+    def input_frame(self, node: fx.Node) -> Frame | None:
+        """The frame an op runs at when its bound local inputs hold a slice of their sequence (None: whole
+        sequences). Every bound input must then hold the same tokens, or the op pairs different ones."""
+        frames = {}
+        for i in node.all_input_nodes:
+            if i in self.bound and i in self.local and self.tokens(i):
+                frames.setdefault(self.frame_of(i), i)
+        if all(f.is_whole for f in frames):
+            return None  # whole sequences (of one base: merged views S*B and B*S are checked by the rules)
+        if len(frames) > 1:
+            (fa, a), (fb, b) = list(frames.items())[:2]
+            raise UnsupportedModelError(
+                f"{describe(node)} pairs {describe(a)} (tokens of {fa}) with {describe(b)} (tokens of {fb}): "
+                "different tokens meet, which needs the tokens of neighbouring ranks. Hint: shift an input (the "
+                "labels) rather than an activation, or slice both the same way.")
+        return next(iter(frames), None)
+
+    def frame_arg(self, frame: Frame):
+        """``frame`` as the runtime reads it: None for a whole sequence, else (start, stop) nodes or ints."""
+        if frame.is_whole:
+            return None
+        return (self.size_node(frame.start), self.size_node(frame.stop))
+
+    def shard(self, node: fx.Node, frame: Frame | None = None) -> fx.Node:
         val = value(node)
         if isinstance(val, torch.SymInt):
             raise UnsupportedModelError(f"ringify cannot shard the size {describe(node)}")
         dims = token_dims(node, self.symbols)
-        if len(dims) != 1 or not _is_plain_symbol(val.shape[dims[0]]):
+        if len(dims) != 1 or not cuttable(val.shape[dims[0]]):
             raise UnsupportedModelError(
                 f"{describe(node)} produces a value with token dims {dims} of sizes "
                 f"{[val.shape[d] for d in dims]} that ringify would have to cut into shards; only a single, "
                 "unflattened sequence dim can be cut. Hint: keep the sequence dim separate until after the layers."
             )
-        self.plan.shards.append(_info(node, dim=dims[0]))
-        return self.graph.call_function(graph_calls.shard_like, (self.full[node], dims[0], self.group, self.layout))
+        if frame is not None and sympy.expand(size_expr(val.shape[dims[0]]) - frame.length) != 0:
+            raise UnsupportedModelError(
+                f"{describe(node)} has {val.shape[dims[0]]} tokens along dim {dims[0]}, but is paired with values "
+                f"holding the tokens of {frame}: the op would pair different tokens.")
+        self.plan.shards.append(_info(node, dim=dims[0], **({"frame": str(frame)} if frame is not None else {})))
+        if frame is None or self.frame_arg(frame) is None:
+            return self.graph.call_function(graph_calls.shard_like, (self.full[node], dims[0], self.group, self.layout))
+        return self.graph.call_function(graph_calls.cut_full, (self.full[node], dims[0], self.size_node(frame.base),
+                                                               self.frame_arg(frame), self.group, self.layout))
+
+    def whole(self, node: fx.Node, dim: int) -> fx.Node:
+        """``node`` whole on every rank, for an op that lays the sequence out anew (a join): a full value as it
+        is, an activation gathered from every rank's rows."""
+        if not (self.tokens(node) and self.active[node]):
+            return self.get_full(node)
+        frame = self.frame_of(node)
+        return self.graph.call_function(graph_calls.regather, (self.get_local(node, frame), dim,
+                                                               self.size_node(frame.base), self.frame_arg(frame),
+                                                               self.group, self.layout))
+
+    def size_node(self, expr):
+        """A sympy size expression of the sequence symbols as an int or a node of the new graph."""
+        expr = size_expr(expr) if not hasattr(expr, "free_symbols") else expr
+        if expr.is_number:
+            return int(expr)
+        if expr.is_Symbol:
+            return self.full_size(expr)
+        if expr.is_Add or expr.is_Mul:
+            terms = [self.size_node(a) for a in expr.args]
+            combine = operator.add if expr.is_Add else operator.mul
+            out = terms[0]
+            for t in terms[1:]:
+                out = self.graph.call_function(combine, (out, t))
+            return out
+        raise UnsupportedModelError(f"ringify cannot compute the size {expr} from the inputs")
 
     def emit_tokenless(self, node: fx.Node) -> None:
         fam = self.family.get(node)
-        if fam == REDUCE and self.active[node]:
-            self.shared[node] = rule_for(node).emit(node, self)
-        elif node.op == "call_function" and self.active[node] and any(self.tokens(i) for i in node.all_input_nodes):
-            self.shared[node] = self.copy(node, self.get_local)
-        elif node.op in ("call_function", "call_module", "call_method"):
-            self.shared[node] = self.copy(node, self.get_full)
-        else:
-            self.shared[node] = self.graph.node_copy(node, self.get_full)
+        local_inputs = node.op == "call_function" and self.active[node] and any(self.tokens(i) for i in node.all_input_nodes)
+        self.current_frame = self.input_frame(node) if local_inputs else None
+        try:
+            if fam in (REDUCE, SELECT) and self.active[node]:
+                self.shared[node] = rule_for(node).emit(node, self)
+                self.replicated.add(node)
+            elif local_inputs:
+                self.shared[node] = self.copy(node, self.get_local)
+            elif node.op in ("call_function", "call_module", "call_method"):
+                self.shared[node] = self.copy(node, self.repeated_input(node))
+            else:
+                self.shared[node] = self.graph.node_copy(node, self.get_full)
+        finally:
+            self.current_frame = None
+
+    def repeated_input(self, node: fx.Node):
+        """How an op without tokens reads its inputs. Where every rank repeats it on values summed or handed
+        over from all ranks (a head on a selected CLS token, a learned scale of the loss), a parameter's gradient
+        would be counted once per rank by the sum ``sync_grad`` makes: it is read through ``once_over_ranks``."""
+        activations = [i for i in node.all_input_nodes if self.active.get(i) and i not in self.param_only]
+        if not activations or not all(i in self.replicated for i in activations):
+            return self.get_full
+        self.replicated.add(node)
+        if self.world_size == 1:
+            return self.get_full
+
+        def get(n: fx.Node) -> fx.Node:
+            if not (self.active.get(n) and n in self.param_only):
+                return self.get_full(n)
+            if n not in self.once:
+                self.once[n] = self.graph.call_function(once_over_ranks, (self.get_full(n), self.group))
+            return self.once[n]
+        return get
 
     def emit_local(self, node: fx.Node) -> fx.Node:
         """The rank-local version of ``node``: the ring for attention, else its rule's emission or a copy on the
         local inputs."""
         if self.family.get(node) == ATTENTION:
+            self.bound.add(node)
             return self.emit_attention(node)
-        new = rule_for(node).emit(node, self)
-        return new if new is not None else self.copy(node, self.get_local)
+        frame = self.current_frame = self.input_frame(node)
+        try:
+            new = rule_for(node).emit(node, self)
+            if new is None:
+                new = self.copy(node, self.get_local)
+                if frame is not None and node not in self.frames:
+                    self.frames[node] = frame
+        finally:
+            self.current_frame = None
+        if frame is not None or self.active[node] or self.family.get(node) in (POSITIONS, TABLE):
+            self.bound.add(node)
+        return new
 
     # what rules' emit() use
     def as_full(self, arg):
@@ -348,6 +509,12 @@ class _Sharder:
     def emit_attention(self, node: fx.Node) -> fx.Node:
         q, k, v, mask = _attention_args(node)
         kwargs = node.kwargs
+        for x in (q, k, v):
+            frame = self.frame_of(x)
+            if self.frame_arg(frame) is not None:
+                raise UnsupportedModelError(
+                    f"{describe(node)} attends over {describe(x)}, which holds only the tokens of {frame} (a slice of "
+                    "the sequence); the ring lays out whole sequences. Hint: slice after the attention layers.")
         if kwargs.get("dropout_p", 0.0) and self.gm.training:
             raise UnsupportedModelError(
                 f"{describe(node)} applies dropout p={kwargs['dropout_p']} to attention probabilities in training; "
@@ -371,7 +538,8 @@ class _Sharder:
             graph_calls.ring_attention_call,
             (self.get_local(q), self.get_local(k), self.get_local(v), mask_args),
             dict(mask_fn=mask_fn, scale=float(kwargs["scale"]), causal=bool(kwargs.get("causal", False)),
-                 fill=float(fill), softcap=float(kwargs.get("softcap", 0.0)), group=self.group, layout=self.layout),
+                 fill=float(fill), softcap=float(kwargs.get("softcap", 0.0)), group=self.group, layout=self.layout,
+                 sinks=self.shared[kwargs["sinks"]] if kwargs.get("sinks") is not None else None),
         )
         new.meta = dict(node.meta)
         return new
@@ -390,19 +558,25 @@ class _Sharder:
                 return local
             dims = token_dims(arg, self.symbols)
             val = value(arg)
-            if len(dims) != 1 or not _is_plain_symbol(val.shape[dims[0]]):
+            if len(dims) != 1 or not cuttable(val.shape[dims[0]]):
                 raise UnsupportedModelError(
                     f"output {describe(arg)} has token dims {dims} that cannot be gathered; use outputs='local'"
                 )
-            seq_len = self.full_size(val.shape[dims[0]])
             self.plan.outputs.append(_info(arg, gathered_dim=dims[0]))
+            frame = self.frame_of(arg)
+            if self.frame_arg(frame) is not None:
+                return self.graph.call_function(graph_calls.gather_frame, (local, dims[0], self.size_node(frame.base),
+                                                                           self.frame_arg(frame), self.group, self.layout))
+            seq_len = self.size_node(frame.base)
             return self.graph.call_function(graph_calls.gather_output, (local, dims[0], self.group, self.layout, seq_len))
 
         self.graph.output(map_aggregate(node.args[0], out))
 
     def full_size(self, size) -> fx.Node:
-        """A node of the new graph giving the full length of the sequence symbol ``size``."""
-        expr = size.node.expr
+        """A node of the new graph giving the full length of the sequence symbol ``size`` (a SymInt or a symbol)."""
+        expr = size.node.expr if isinstance(size, torch.SymInt) else size
+        if not expr.is_Symbol:
+            return self.size_node(expr)
         for node in self.nodes:
             if node.op == "placeholder":
                 for d, s in enumerate(getattr(value(node), "shape", ())):
@@ -416,10 +590,6 @@ def _inside(path: str, modules: tuple[str, ...]) -> str:
     wrapper the model was captured through (``model.`` of capture's FlatCall)."""
     path = "." + path + "."
     return next((m for m in modules if f".{m}." in path), "")
-
-
-def _is_plain_symbol(size) -> bool:
-    return isinstance(size, torch.SymInt) and size.node.expr.is_Symbol
 
 
 def _attention_args(node: fx.Node):

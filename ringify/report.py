@@ -19,6 +19,7 @@ class Report:
     positions: list[dict] = field(default_factory=list)
     full_ops: list[dict] = field(default_factory=list)
     shards: list[dict] = field(default_factory=list)
+    slices: list[dict] = field(default_factory=list)  # slices and selected tokens of activations along the sequence
     outputs: list[dict] = field(default_factory=list)
     synced_parameters: int = 0
     token_local_modules: list[str] = field(default_factory=list)
@@ -57,6 +58,8 @@ class Report:
                   f"- ops run on full inputs on every rank (they mix tokens of inputs only): "
                   + (", ".join(f"{r['op']}" for r in self.full_ops) or "none"),
                   f"- inputs cut into shards at: " + (", ".join(s["node"] for s in self.shards) or "none"),
+                  f"- slices and selected tokens along the sequence: "
+                  + (", ".join(f"{s['op']} ({s.get('kept') or s.get('selected')})" for s in self.slices) or "none"),
                   f"- outputs: " + (", ".join(f"{o['node']} ({'gathered' if 'gathered_dim' in o else 'local'})"
                                                 for o in self.outputs) or "none"),
                   f"- parameters whose gradients are summed over ranks: {self.synced_parameters}"]

@@ -16,6 +16,7 @@ from .comm import rank_and_size, resolve_group
 from .layout import LAST
 from .ring_attention import ring_attention
 from .sequence import gather_sequence
+from .token_slices import cut_full, gather_frame, regather, select_token, slice_tokens
 
 
 def shard_like(x: torch.Tensor, dim: int, group: str, layout: str) -> torch.Tensor:
@@ -111,6 +112,6 @@ def gather_output(x: torch.Tensor, dim: int, group: str, layout: str, seq_len) -
 
 
 __all__ = [
-    "cross_entropy_over_ranks", "gather_output", "local_arange", "mean_over_ranks", "nll_over_ranks",
+    "cross_entropy_over_ranks", "cut_full", "gather_frame", "regather", "select_token", "slice_tokens", "gather_output", "local_arange", "mean_over_ranks", "nll_over_ranks",
     "pointwise_loss_over_ranks", "register_block_mask", "ring_attention_call", "shard_like", "sum_over_ranks", "table_rows",
 ]

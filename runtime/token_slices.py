@@ -16,8 +16,10 @@ convention of :mod:`.collectives`).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from .collectives import all_reduce_sum, local_positions
+from .comm import rank_and_size, resolve_group
 
 
 def frame_positions(seq_len, frame, group: str, layout: str, device) -> torch.Tensor:
@@ -54,8 +56,9 @@ def select_token(x: torch.Tensor, dim: int, seq_len, frame, index, group: str, l
     dim = dim % x.dim()
     if hit.numel():
         local = x.select(dim, int(hit[0]))
-    else:  # another rank holds it: contribute zeros (no gradient reaches this rank's rows)
-        local = x.new_zeros(x.shape[:dim] + x.shape[dim + 1:])
+    else:  # another rank holds it: contribute zeros, still a function of x, so that this rank's backward runs
+        local = x.narrow(dim, 0, 0).sum(dim)  # (its tokens reach the selected one through the ring: its backward
+        # must run too); a sum over no rows, so an inf or NaN elsewhere in x cannot leak in
     return all_reduce_sum(local.contiguous(), group)
 
 
@@ -68,4 +71,34 @@ def gather_frame(x: torch.Tensor, dim: int, seq_len, frame, group: str, layout: 
     return all_reduce_sum(full.index_copy(dim, at, x), group)
 
 
-__all__ = ["cut_full", "frame_positions", "gather_frame", "select_token", "slice_tokens"]
+class _Regather(torch.autograd.Function):
+    """The whole sequence from every rank's rows, to be cut again under another layout: backward sums the
+    full gradient over ranks (each rank's holds only its own new rows) before taking this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x, dim, at, length, group):
+        ctx.dim, ctx.at, ctx.group = dim, at, group
+        full = x.new_zeros((*x.shape[:dim], length, *x.shape[dim + 1:])).index_copy(dim, at, x)
+        dist.all_reduce(full, group=group)
+        return full
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.index_select(ctx.dim, ctx.at), None, None, None, None
+
+
+def regather(x: torch.Tensor, dim: int, seq_len, frame, group: str, layout: str) -> torch.Tensor:
+    """The whole frame of ``x`` on every rank, for an op that joins sequences (``cat([cls, x], 1)``: a new
+    sequence, laid out anew); unlike :func:`gather_frame` each rank then uses other rows of it."""
+    dim = dim % x.dim()
+    length = int(seq_len) if frame is None else int(frame[1]) - int(frame[0])
+    at = frame_positions(seq_len, frame, group, layout, x.device)
+    pg = resolve_group(group)
+    if rank_and_size(pg)[1] == 1 and at.numel() == length:
+        return x
+    return _Regather.apply(x, dim, at, length, pg)
+
+
+__all__ = ["cut_full", "frame_positions", "gather_frame", "regather", "select_token", "slice_tokens"]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ringify import UnsupportedModelError, ringify
 from ringify.capture import capture
 from ringify.passes.fx import op_name
-from ringify.passes.rules import LOCAL, MIX, POSITIONS, REDUCE, TABLE, classify
+from ringify.passes.rules import JOIN, LOCAL, MIX, POSITIONS, REDUCE, SELECT, SLICE, TABLE, classify
 from ringify.passes.sequence import Tokens
 from ringify.runtime.layout import layout_positions
 from ringify.verify import relative_error, worst_grad_error
@@ -123,6 +123,82 @@ def test_views():
                                            "aten.view_as_real": LOCAL, "aten.real": LOCAL, "aten.imag": LOCAL})
     on_shards(Views(), x)
     assert families(OuterProduct(), x)["aten.mul"] == families(OuterProduct(), x)["aten.reshape"] == {MIX}
+
+
+
+class RepeatMoE(nn.Module):
+    """Llama-4's MoE layout: ``flat.repeat(E, 1)`` ([E*T, D], row ``e*T + t``) scaled by the router's transposed
+    scores, viewed as ``[E, T, D]`` for a bmm per expert, summed over experts, plus a shared expert; and repeats
+    along features and into a new leading dim."""
+
+    def __init__(self, dim=D, experts=3):
+        super().__init__()
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.w = nn.Parameter(torch.randn(experts, dim, dim) / dim ** 0.5)
+        self.shared = nn.Linear(dim, dim)
+
+    def forward(self, x, target=None):
+        b, s, d = x.shape
+        flat = x.reshape(-1, d)
+        scores = self.router(flat).sigmoid()
+        experts = scores.shape[1]
+        routed = flat.repeat(experts, 1) * scores.transpose(0, 1).reshape(-1, 1)
+        out = torch.bmm(routed.view(experts, -1, d), self.w).view(-1, d)
+        out = self.shared(flat) + out.reshape(experts, -1, d).sum(dim=0)
+        out = out.view(b, s, d) + x.repeat(1, 1, 2)[..., d:] + x.repeat(2, 1, 1, 1).sum(0)
+        return out if target is None else (out, F.mse_loss(out, target))
+
+
+class RepeatSplitsTheCopies(nn.Module):
+    """``[2*T, D].view(T, 2, D)`` pairs rows ``2t, 2t+1``: tokens of different copies, not a token with itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x):
+        flat = self.lin(x).reshape(-1, D)
+        return flat.repeat(2, 1).view(-1, 2, D).sum()
+
+
+def test_repeat_tiles_tokens_as_an_outer_factor(ranks, seed):
+    x = torch.randn(B, S, D)
+    found = families(RepeatMoE(), x)
+    assert_families(found, {"aten.repeat": LOCAL, "aten.bmm": LOCAL, "aten.view": LOCAL, "aten.sum": LOCAL})
+    on_shards(RepeatMoE(), x)
+    for world in (2, 3):
+        ranks(world).run(on_ranks, "repeat", seed, 4 * world + 1)
+    split = families(RepeatSplitsTheCopies(), x)
+    assert split["aten.repeat"] == {LOCAL} and split["aten.view"] == {MIX}, split
+    with pytest.raises(UnsupportedModelError, match="aten.view"):
+        ringify(RepeatSplitsTheCopies())(x)
+
+
+class InPlaceWrites(nn.Module):
+    """DeepSeek-V3's ``expand_kv``: ``new_empty`` filled by ``copy_`` into two slices (nodes nobody uses), then read;
+    and a pointwise ``add_``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+        self.rot = nn.Linear(D, 2)
+
+    def forward(self, x, target=None):
+        k = self.lin(x)
+        key = k.new_empty(*k.shape[:-1], D + 2)
+        key[..., :D].copy_(k)
+        key[..., D:].copy_(self.rot(x).expand(*k.shape[:-1], 2))
+        out = key.clone()
+        out.add_(x.sum(-1, keepdim=True))
+        return out if target is None else (out, F.mse_loss(out, target))
+
+
+def test_in_place_writes(ranks, seed):
+    x = torch.randn(B, S, D)
+    found = families(InPlaceWrites(), x)
+    assert_families(found, {"aten.copy_": LOCAL, "aten.new_empty": LOCAL, "aten.add_": LOCAL})
+    on_shards(InPlaceWrites(), x)
+    ranks(2).run(on_ranks, "writes", seed, 9)
 
 
 # ----------------------------------------------------------------------------------- reductions
@@ -288,8 +364,9 @@ def test_along_dim():
         "aten.repeat_interleave": LOCAL, "aten.unbind": LOCAL})
     on_shards(AlongFeatures(), x)
     found = families(AlongTokens(), x)
-    for op in ("aten.cumsum", "aten.softmax", "aten.sort", "aten.cat", "aten.topk", "aten.pad"):
+    for op in ("aten.cumsum", "aten.softmax", "aten.sort", "aten.topk", "aten.pad"):
         assert found[op] == {MIX}, (op, found)
+    assert found["aten.cat"] == {JOIN}, found  # a new sequence: gathered whole, cut again (tests/test_slicing.py)
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -324,8 +401,9 @@ def test_selection():
                                                "aten.index_select": LOCAL, "aten.scatter": LOCAL,
                                                "aten.gather": LOCAL, "aten.scatter_add": LOCAL})
     on_shards(Selection(), x)
-    found = families(SlicesTokens(), x)  # slicing activations along the tokens: refused until its rule lands
-    assert found["aten.slice"] == found["aten.select"] == found["aten.index_select"] == {MIX}, found
+    found = families(SlicesTokens(), x)  # along the tokens: plain slices and one token (tests/test_slicing.py)
+    assert found["aten.slice"] == {SLICE, MIX}, found  # x[:, 1:] keeps a frame; x[:, ::2] mixes
+    assert found["aten.select"] == {SELECT} and found["aten.index_select"] == {MIX}, found
 
 
 def test_unknown_ops_mix():
@@ -430,7 +508,9 @@ def _router(seq_len):
 
 
 CASES = {"losses": _losses, "positions": lambda s: (Positions(), (torch.randn(B, s, D),)), "titan": _titan,
-         "router": _router}
+         "router": _router,
+         "repeat": lambda s: (RepeatMoE(), (torch.randn(B, s, D), torch.randn(B, s, D))),
+         "writes": lambda s: (InPlaceWrites(), (torch.randn(B, s, D), torch.randn(B, s, D + 2)))}
 
 
 def test_complex_rotary_table(ranks, seed):

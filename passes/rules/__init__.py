@@ -23,9 +23,9 @@ import operator
 
 from torch import fx
 
-from . import along_dim, matmul, pointwise, positions, reductions, selection, sizes, views  # noqa: F401 (register)
-from .base import (ATTENTION, LOCAL, MIX, MIXING, POSITIONS, REDUCE, TABLE, Rule, register, register_when,
-                   rule_for)
+from . import along_dim, matmul, mutation, pointwise, positions, reductions, selection, sizes, views  # noqa: F401 (register)
+from .base import (ATTENTION, JOIN, LOCAL, MIX, MIXING, POSITIONS, REDUCE, SELECT, SLICE, TABLE, Rule, register,
+                   register_when, rule_for)
 from .views import mixes_token_layouts, token_inner
 
 
@@ -54,5 +54,5 @@ class Getitem(Rule):
         return LOCAL
 
 
-__all__ = ["ATTENTION", "LOCAL", "MIX", "MIXING", "POSITIONS", "REDUCE", "TABLE", "Rule", "classify",
+__all__ = ["ATTENTION", "JOIN", "LOCAL", "MIX", "MIXING", "POSITIONS", "REDUCE", "SELECT", "SLICE", "TABLE", "Rule", "classify",
            "mixes_token_layouts", "register", "register_when", "rule_for", "token_inner"]

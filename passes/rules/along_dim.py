@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..fx import arg, packet, value
-from .base import LOCAL, MIX, Rule, operand, register
+from ..frames import cuttable
+from .base import JOIN, LOCAL, MIX, Rule, operand, register
 
 aten = torch.ops.aten
 
@@ -69,10 +70,25 @@ class Cut(Rule):
 
 @register(aten.cat)
 class Cat(Rule):
+    """Along other dims: local. Along the tokens (a CLS token or registers in front, ``cat([cls, x], 1)``): a new
+    sequence, laid out over the ranks anew; its activations are gathered whole first (``regather``, O(S) rows
+    per rank once) and the joined sequence is cut again where it is used."""
+
     def classify(self, node, tokens) -> str:
         tensors = arg(node, "tensors")
         dim = arg(node, "dim", 0) % value(tensors[0]).dim()
-        return MIX if any(dim in tokens.dims(t) for t in tensors) else LOCAL
+        if not any(dim in tokens.dims(t) for t in tensors):
+            return LOCAL
+        single = all(tokens.dims(t) in ([], [dim]) for t in tensors) and tokens.dims(node) == [dim]
+        return JOIN if single and cuttable(value(node).shape[dim]) else MIX
+
+    def emit_full(self, node, sharder):
+        if sharder.family.get(node) != JOIN or not sharder.active[node]:
+            return None
+        tensors = arg(node, "tensors")
+        dim = arg(node, "dim", 0) % value(tensors[0]).dim()
+        sharder.record("full_ops", node, joined="activations gathered whole, the joined sequence cut again")
+        return sharder.graph.call_function(aten.cat.default, ([sharder.whole(t, dim) for t in tensors], dim))
 
 
 @register(aten.stack)

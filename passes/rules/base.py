@@ -9,6 +9,7 @@ overload packet, then :data:`MIXING` (refuse on activations: an op no rule prove
 
 from __future__ import annotations
 
+import operator
 from typing import Callable, Iterable
 
 from torch import fx
@@ -21,6 +22,9 @@ POSITIONS = "positions"  # arange over the sequence: this rank's global position
 TABLE = "table"          # rows 0..S of a fixed table (Bert's position_ids): its rows at this rank's positions
 MIX = "mix"              # mixes tokens: only on values every rank holds in full (from the inputs alone)
 ATTENTION = "attention"  # canonical attention: the ring
+SLICE = "slice"          # a slice of an activation along its tokens: the rows this rank holds in the range
+SELECT = "select"        # one token of an activation: its owner's row, handed to every rank
+JOIN = "join"            # activations joined along the tokens (cat([cls, x], 1)): a new sequence, laid out anew
 
 
 class Rule:
@@ -35,6 +39,10 @@ class Rule:
 
     def emit(self, node: fx.Node, sharder) -> fx.Node | None:
         """The rank-local version of ``node`` in ``sharder.graph``, or None: copy it onto the local inputs."""
+        return None
+
+    def emit_full(self, node: fx.Node, sharder) -> fx.Node | None:
+        """The full version of ``node``, or None: copy it onto the full inputs."""
         return None
 
     def hint(self, node: fx.Node) -> str:
@@ -106,5 +114,5 @@ def dim_set(dims, ndim: int) -> set[int]:
     return {d % ndim for d in dims} if ndim else set()
 
 
-__all__ = ["ATTENTION", "LOCAL", "MIX", "MIXING", "POSITIONS", "REDUCE", "TABLE", "Rule", "dim_set", "operand",
+__all__ = ["ATTENTION", "JOIN", "LOCAL", "MIX", "MIXING", "POSITIONS", "REDUCE", "SELECT", "SLICE", "TABLE", "Rule", "dim_set", "operand",
            "register", "register_when", "rule_for"]

@@ -15,7 +15,7 @@ import sympy
 import torch
 from torch import fx
 
-from ..fx import is_call, packet, value
+from ..fx import arg, is_call, packet, value
 from ..sequence import size_expr
 from .base import LOCAL, MIX, Rule, operand, register
 
@@ -38,6 +38,22 @@ class View(Rule):
 
     def classify(self, node, tokens) -> str:
         return LOCAL if _view_keeps_tokens(node, tokens) else MIX
+
+    def emit(self, node, sharder):
+        """A view's size at the token dim becomes -1: the captured size is an expression of the input lengths
+        (``s0 + 1`` after a CLS token joined, ``s0 - 1`` after a slice) that this rank's sizes do not obey."""
+        if packet(node) not in (aten.view, aten.reshape, aten._unsafe_view, aten.expand):
+            return None
+        dims, shape = sharder.seq.dims(node), node.args[1] if len(node.args) > 1 else None
+        if len(dims) != 1 or not isinstance(shape, (list, tuple)) or not isinstance(shape[dims[0]], fx.Node):
+            return None
+        if packet(node) is aten.expand and dims[0] < len(shape) - value(operand(node)).dim():
+            return None  # a new leading dim of an expand: -1 means "keep", which it cannot
+        if any(isinstance(s, int) and s == -1 for s in shape) and packet(node) is not aten.expand:
+            return None
+        new = sharder.copy(node, sharder.get_local)
+        new.args = (new.args[0], [-1 if d == dims[0] else s for d, s in enumerate(new.args[1])], *new.args[2:])
+        return new
 
 
 @register(aten.view_as_complex)
@@ -125,3 +141,30 @@ def _numel(shape) -> object:
     for s in shape:
         total = total * s
     return total
+
+
+@register(aten.repeat)
+class Repeat(Rule):
+    """``x.repeat(r0, r1, ...)``: copies of ``x`` tiled along each dim (new leading dims for extra counts).
+
+    Along dims without tokens each token's row is tiled within itself. Along the token dim, ``r`` copies of
+    the sequence one after the other (Llama-4's ``hidden.repeat(E, 1)``: ``[E*T, D]``, row ``e*T + t``) merge
+    an *outer* factor ``r`` into it, as ``unsqueeze(0).expand(r, T, D).reshape(r*T, D)`` and ``(B, S, V) ->
+    (B*S, V)`` do: a shard's rows are ``e*T + p`` for its positions ``p``, the layout the view algebra
+    already tracks (the inner factor, :func:`token_inner`, is unchanged, so ``S*B`` against ``B*S`` is still
+    caught by :func:`mixes_token_layouts`). Mixing: a repeat count that depends on the sequence, or tiling
+    along a token dim of a value that holds tokens in more than one dim (a ``[S, S]`` mask)."""
+
+    moves_tokens = True
+
+    def classify(self, node, tokens) -> str:
+        x = operand(node)
+        repeats = arg(node, "repeats")
+        if not isinstance(x, fx.Node) or not isinstance(value(x), torch.Tensor):
+            return LOCAL
+        counts = list(repeats)[len(repeats) - value(x).dim():]  # the counts of x's own dims (the rest are new)
+        held = tokens.dims(x)
+        tiled = [d for d in held if not (isinstance(counts[d], int) and counts[d] == 1)]
+        if any(tokens.has(c) for c in counts if isinstance(c, fx.Node)) or (tiled and len(held) > 1):
+            return MIX
+        return LOCAL
