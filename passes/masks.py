@@ -8,11 +8,13 @@ mask and tracking which dims of each value are the query axis and the key axis:
 - a value with at most one token dim is cheap: every rank computes it in full from its inputs
   (O(S)), and the block function picks the rows it needs with ``index_select``;
 - a value with both axes (O(S^2)) is rebuilt from its inputs op by op, on the block's positions:
-  elementwise ops, broadcasting views, slices from 0, advanced indexing, ``tril``/``triu`` and
-  factories have a rule; anything else is refused.
+  elementwise ops, broadcasting views, slices from 0, advanced indexing, ``tril``/``triu``, factories
+  and ``embedding`` of position-built indices (T5's relative position buckets: the block looks up
+  ``weight[bucket(k_pos - q_pos)]``) have a rule; anything else is refused.
 
 The result is a small ``GraphModule`` ``fn(q_pos, k_pos, *full_values)`` and the list of full
-values (nodes of the captured graph) it reads; ring attention calls it once per block pair.
+values (nodes of the captured graph) it reads; ring attention calls it once per block pair. Leaves
+computed from parameters (a bias table) are marked `differentiable`: the mask then has a gradient.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch import fx
 
 from ..errors import UnsupportedModelError
-from .fx import describe, packet, value
+from .fx import describe, fetch_attr, packet, value
 from .sequence import size_expr, token_dims
 
 aten = torch.ops.aten
@@ -48,6 +50,7 @@ class BlockMask:
     leaves: list[fx.Node]
     source: fx.Node
     ops: list[str] = field(default_factory=list)
+    differentiable: tuple[int, ...] = ()  # indices into `leaves` of floating values computed from parameters
 
 
 def _out_of_place(node: fx.Node):
@@ -180,19 +183,22 @@ class _Builder:
             for out_dim, in_dim in enumerate(perm):
                 inner_axes[in_dim] = axes[out_dim]
             return g.call_function(node.target, (self.build(node.args[0], tuple(inner_axes)), node.args[1]))
-        if op in (aten.view, aten.reshape, aten._unsafe_view):
+        if op in (aten.view, aten.reshape, aten._unsafe_view, aten.unflatten, aten.flatten):
             return self.reshape(node, axes)
         if op in (aten.tril, aten.triu):
             return self.band(node, axes, upper=op is aten.triu)
         if op is aten.index:
             return self.index(node, axes)
+        if op is aten.embedding:
+            return self.embedding(node, axes)
         if op in _ELEMENTWISE or (isinstance(node.target, torch._ops.OpOverload)
                                   and torch.Tag.pointwise in node.target.tags):
             return self.pointwise(node, axes, target)
         self.refuse(node, f"no block rule for {op}")
 
     def reshape(self, node: fx.Node, axes: tuple) -> fx.Node:
-        """Reshapes of the dims before the query/key axes (nn.MultiheadAttention's ``B*H`` <-> ``B, H``)."""
+        """Reshapes of the dims before the query/key axes (nn.MultiheadAttention's ``B*H`` <-> ``B, H``; the
+        attention pass's ``unflatten`` of a merged mask term), rebuilt as a reshape to the block's sizes."""
         x = node.args[0]
         in_shape, out_shape = value(x).shape, value(node).shape
         first = next(i for i, a in enumerate(axes) if a is not None)
@@ -207,7 +213,8 @@ class _Builder:
         sizes = lead + [self.size_arg(s, a) if a else s for s, a in zip(out_shape[first:], axes[first:])]
         if any(not isinstance(s, (int, fx.Node)) for s in sizes):
             self.refuse(node, "a reshape of the mask with a dynamic size")
-        return self.graph.call_function(node.target, (inner, sizes))
+        target = aten.reshape.default if packet(node) in (aten.unflatten, aten.flatten) else node.target
+        return self.graph.call_function(target, (inner, sizes))
 
     def pointwise(self, node: fx.Node, axes: tuple, target) -> fx.Node:
         def arg(a):
@@ -234,6 +241,15 @@ class _Builder:
             None if t is None else self.build(t, _right_aligned(index_axes, t)) for t in indices
         ]
         return self.graph.call_function(node.target, (self.build(x, x_axes), new_indices))
+
+    def embedding(self, node: fx.Node, axes: tuple) -> fx.Node:
+        """``weight[indices]``: the indices carry the query/key axes, the table (full on every rank) none."""
+        if axes[-1] is not None:
+            self.refuse(node, "an embedding whose feature dim is the query or key axis")
+        weight, indices = node.args[:2]
+        table = self.build(weight, (None,) * value(weight).dim())
+        return self.graph.call_function(node.target, (table, self.build(indices, axes[:-1]), *node.args[2:]),
+                                        dict(node.kwargs))
 
     def band(self, node: fx.Node, axes: tuple, upper: bool) -> fx.Node:
         if axes[-2:] != (Q, K):
@@ -290,5 +306,26 @@ def block_mask(mask: fx.Node, symbols: set) -> BlockMask:
     out = builder.build(mask, tuple(axes))
     builder.graph.output(out)
     fn = fx.GraphModule(torch.nn.Module(), builder.graph, class_name="BlockMaskFn")
-    return BlockMask(fn, list(builder.leaves), mask, builder.ops)
+    leaves = list(builder.leaves)
+    differentiable = tuple(i for i, leaf in enumerate(leaves) if _from_parameters(leaf))
+    return BlockMask(fn, leaves, mask, builder.ops, differentiable)
+
+
+def _from_parameters(leaf: fx.Node) -> bool:
+    """A floating leaf that a parameter flows into (T5's bias table, ``weight.permute(...)``): the model
+    trains it through the mask, so the ring must return its gradient."""
+    val, gm = value(leaf), leaf.graph.owning_module
+    if not isinstance(val, torch.Tensor) or not val.is_floating_point() or gm is None:
+        return False
+    params = {id(p) for p in gm.parameters()}
+    seen, stack = set(), [leaf]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "get_attr" and id(fetch_attr(gm, node.target)) in params:
+            return True
+        stack.extend(node.all_input_nodes)
+    return False
 

@@ -425,8 +425,10 @@ class ReturnsWeights(nn.Module):
 
 
 class TwoMasks(nn.Module):
+    """A bias, then a finite fill that does not absorb the scores: adding it is not masking with it."""
+
     def forward(self, q, k, v, bias, keep):
-        s = (q @ k.transpose(-1, -2) * SCALE + bias).masked_fill(~keep, float("-inf"))
+        s = (q @ k.transpose(-1, -2) * SCALE + bias).masked_fill(~keep, -1e4)
         return s.softmax(-1) @ v
 
 

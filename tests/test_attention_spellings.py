@@ -75,6 +75,32 @@ def _sinks_eager(m, q, k, v, mask):
     return torch.matmul(p, repeat_kv(v, n))
 
 
+def _titan_out(m, q, k, v, _):
+    """torchtitan's attention: q, k, v are [B, S, H, D] tensors transposed, so SDPA's result is [B, S, H, D]
+    in memory, capture drops the ``.contiguous()`` as a no-op and the ``.view`` relies on those strides."""
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return out.transpose(1, 2).contiguous().view(q.shape[0], q.shape[2], -1)
+
+
+def _keep_some(bias):
+    """A bool keep-mask from the bias that keeps key 0 for every query (no row without a visible key)."""
+    return (bias > -1.0) | (torch.arange(bias.shape[-1]) == 0)
+
+
+def _bloom(m, q, k, v, bias):
+    """BloomAttention: ALiBi ([B*H, 1, K], per-head slopes times key positions) added by baddbmm on the
+    merged [B*H, S, S] scores, viewed as [B, H, S, S] for the mask and the fp32 softmax, and back for the bmm."""
+    b, h, s, d = q.shape
+    slopes = 2.0 ** -torch.arange(1.0, h + 1.0)
+    alibi = (slopes[:, None] * torch.arange(s, dtype=q.dtype)).expand(b, h, s).reshape(b * h, 1, s)
+    scores = torch.baddbmm(alibi, q.reshape(b * h, s, d), k.reshape(b * h, s, d).transpose(1, 2), beta=1.0,
+                           alpha=SCALE)
+    w = scores.view(b, h, s, s) + bias
+    p = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.bmm(p.view(b * h, s, s), v.reshape(b * h, s, d)).view(b, h, s, d)
+
+
 SPELLINGS = {
     "sdpa": Spelling(lambda m, q, k, v, _: F.scaled_dot_product_attention(q, k, v), expect=dict(kind="sdpa")),
     "sdpa_causal_scale": Spelling(
@@ -82,6 +108,7 @@ SPELLINGS = {
         expect=dict(kind="sdpa", scale=0.3, causal=True)),
     "sdpa_bool_mask": Spelling(lambda m, q, k, v, keep: F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
                                mask="keep", expect=dict(kind="sdpa", mask_kind="keep")),
+    "sdpa_transpose_contiguous_view": Spelling(_titan_out, expect=dict(kind="sdpa", causal=True)),
     "sdpa_enable_gqa": Spelling(lambda m, q, k, v, _: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                                 kv_heads=KV_HEADS, expect=dict(kind="sdpa", gqa=True)),
     "div_scale": Spelling(lambda m, q, k, v, _: (scores(q, k) / math.sqrt(D)).softmax(-1) @ v),
@@ -110,6 +137,14 @@ SPELLINGS = {
     "masked_fill_before_scale": Spelling(
         lambda m, q, k, v, keep: (scores(q, k).masked_fill(~keep, -1e4) * SCALE).softmax(-1) @ v,
         mask="keep", expect=dict(mask_kind="keep", fill=-1e4 * SCALE)),
+    "two_biases": Spelling(lambda m, q, k, v, bias: (scores(q, k) * SCALE + bias + bias.transpose(-1, -2) * 0.5)
+                           .softmax(-1) @ v, mask="add", expect=dict(mask_kind="add")),
+    "bias_then_fill_inf": Spelling(lambda m, q, k, v, bias: ((scores(q, k) + bias) * SCALE).masked_fill(
+        ~_keep_some(bias), float("-inf")).softmax(-1) @ v, mask="add", expect=dict(mask_kind="add")),
+    "fill_inf_then_bias": Spelling(lambda m, q, k, v, bias: (torch.where(
+        _keep_some(bias), scores(q, k) * SCALE, float("-inf")) + bias).softmax(-1) @ v,
+        mask="add", expect=dict(mask_kind="add")),
+    "bloom_alibi_baddbmm_split": Spelling(_bloom, mask="add", expect=dict(kind="bmm", form="baddbmm", mask_kind="add")),
     "where": Spelling(lambda m, q, k, v, keep: torch.where(keep, scores(q, k) * SCALE, float("-inf")).softmax(-1) @ v,
                       mask="keep", expect=dict(mask_kind="keep")),
     "additive": Spelling(lambda m, q, k, v, bias: (scores(q, k) * SCALE + bias).softmax(-1) @ v,
@@ -173,6 +208,7 @@ def test_spelling(name, seed):
     assert node is m.output and not [n for n in gm.graph.nodes if n.target in (aten.softmax.int, aten._softmax.default)]
     assert node.kwargs["scale"] == pytest.approx(want["scale"]) and node.kwargs["mask_kind"] == want["mask_kind"]
     assert tuple(node.meta["val"].shape[-1:]) == (sp.dv,) and node.meta["val"].shape[1] == H
+    assert node.meta["val"].is_contiguous()  # the canonical op's own layout; restored after it where needed
     assert (m.sinks is not None) == sp.sinks == ("sinks" in node.kwargs)
     if sp.sinks:
         assert m.sinks.op == "get_attr" and tuple(m.sinks.meta["val"].shape) == (H,)  # the parameter itself
@@ -181,7 +217,8 @@ def test_spelling(name, seed):
     assert rel(gm(*args), model(*args)) < 1e-5, name
 
 
-@pytest.mark.parametrize("name", ["sinks", "additive", "repeat_kv", "mla_eager", "soft_cap"])
+@pytest.mark.parametrize("name", ["sinks", "additive", "repeat_kv", "mla_eager", "soft_cap", "two_biases",
+                                  "bias_then_fill_inf"])
 def test_gradients(name, seed):
     """Into q, k, v, an additive mask and the sinks: the canonical op's backward is the original's."""
     sp = SPELLINGS[name]
@@ -279,5 +316,21 @@ def test_sinks_refused(fn, words):
     assert not find_attention(gm)
     code = gm.code
     with pytest.raises(UnsupportedModelError, match=words):
+        canonicalize_attention(gm)
+    assert gm.code == code
+
+
+def _bias_then_fill_min(m, q, k, v, bias):
+    s = (scores(q, k) * SCALE + bias).masked_fill(bias < -1.0, torch.finfo(q.dtype).min)
+    return s.softmax(-1) @ v
+
+
+def test_finite_fill_next_to_a_bias_refused():
+    """A bias and a finite fill would be one additive mask, whose rows with no visible key get score
+    gradients the model's do not: refused with the reason, graph unchanged."""
+    sp = Spelling(_bias_then_fill_min, mask="add")
+    gm = capture(Fn(sp.fn).eval(), make_inputs(sp, S, torch.Generator().manual_seed(0)))
+    code = gm.code
+    with pytest.raises(UnsupportedModelError, match="no visible key"):
         canonicalize_attention(gm)
     assert gm.code == code

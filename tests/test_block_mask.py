@@ -284,3 +284,100 @@ def test_mask_of_the_wrong_shape_is_a_clear_error(seed):
     wrong = lambda q_pos, k_pos: torch.ones(3, len(q_pos), len(k_pos), dtype=torch.bool)
     with pytest.raises(ValueError, match=r"must broadcast to \[B, H, Lq, Lk\] = \[1, 2, 4, 4\]"):
         ring_attention(q, k, v, mask=wrong)
+
+
+# ---- passes/masks.py: a captured mask subgraph, evaluated block by block (one process) -------------
+
+
+def _t5_encoder(impl):
+    from zoo import _hf, _scale_params, _t5_cfg
+
+    model = _hf("T5EncoderModel", "T5Config", False, **{**_t5_cfg(), "attn_implementation": impl})
+    _scale_params(model, "relative_attention_bias.weight", 10.0)
+    return model
+
+
+def _node_values(gm, *args) -> dict:
+    """Every node's value of one run of `gm` (placeholders in graph order)."""
+    env = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            env[n] = out = super().run_node(n)
+            return out
+
+    with torch.enable_grad():
+        Recorder(gm).run(*args)
+    return env
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_t5_relative_bias_block_mask_is_the_full_bias(impl, seed):
+    """T5's bias (embedding of the relative position buckets, permuted, plus the padding mask; eager: two
+    terms the matcher adds into one mask) rebuilt per block pair equals the full bias there, and its
+    vjp w.r.t. the bias table, summed over the blocks, is the full one: the table is a `differentiable` leaf."""
+    from torch.export import Dim
+
+    from ringify.passes.attention import canonicalize_attention
+    from ringify.passes.masks import block_mask
+    from ringify.passes.sequence import sequence_symbols
+
+    g = torch.Generator().manual_seed(seed)
+    s = 11
+    ids, keep = torch.randint(0, 96, (2, s), generator=g), (torch.rand(2, s, generator=g) > 0.3).long()
+    keep[:, 0] = 1
+    model = _t5_encoder(impl).eval()
+    dyn = {"input_ids": {1: Dim.AUTO}, "attention_mask": {1: Dim.AUTO}}
+    gm = torch.export.export(model, (), dict(input_ids=ids, attention_mask=keep), strict=False,
+                             dynamic_shapes=dyn).module()
+    matches = canonicalize_attention(gm)
+    assert len(matches) == 2 and {m.mask_kind for m in matches} == {"add"}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    symbols = sequence_symbols(placeholders, {"input_ids": 1, "attention_mask": 1})
+    env = _node_values(gm, ids, keep)
+    blocks = [torch.tensor([0, 10]), torch.arange(1, 6), torch.arange(6, 10)]  # zigzag-like, uneven pieces
+    for m in matches:
+        plan = block_mask(m.mask, symbols)
+        assert "embedding" in plan.ops, plan.ops
+        tables = [i for i, leaf in enumerate(plan.leaves) if leaf.op == "get_attr"]
+        assert plan.differentiable == tuple(tables) and len(tables) == 1
+        (t,) = tables
+        full = env[m.mask].expand(2, 4, s, s)
+        weight = env[plan.leaves[t]].detach().requires_grad_()
+        dmask = torch.randn(full.shape, generator=g)
+        args = [weight if i == t else env[leaf] for i, leaf in enumerate(plan.leaves)]
+        grad = torch.zeros_like(weight)
+        for qp in blocks:
+            for kp in blocks:
+                got = plan.fn(qp, kp, *args)
+                want = full[:, :, qp[:, None], kp[None, :]]
+                assert torch.equal(got.expand(want.shape), want)
+                piece = dmask[:, :, qp[:, None], kp[None, :]].sum_to_size(got.shape)
+                grad += torch.autograd.grad(got, weight, piece)[0]
+        table = env[plan.leaves[t]]  # the captured graph's own parameter: its autograd is the reference
+        ref = torch.autograd.grad(env[m.mask], table, dmask.sum_to_size(env[m.mask].shape), retain_graph=True)[0]
+        assert table.requires_grad and ref.abs().sum() > 0 and rel_err(grad, ref) < 1e-6
+
+
+def test_unflatten_of_a_merged_mask_term(seed):
+    """A [B*H, S, S] distance bias unflattened to [B, H, S, S] (how the attention pass splits a merged mask
+    term it cannot trace back to [B, H, ...]) is rebuilt per block as a reshape to the block's sizes."""
+    from torch.export import Dim
+
+    from ringify.passes.masks import block_mask
+    from ringify.passes.sequence import sequence_symbols
+
+    class Distance(torch.nn.Module):
+        def forward(self, x):
+            pos = torch.arange(x.shape[1])
+            return (pos[None, :] - pos[:, None]).float().expand(6, -1, -1).unflatten(0, (2, 3)) * x.new_ones(())
+
+    x = torch.randn(2, 9)
+    gm = torch.export.export(Distance(), (x,), dynamic_shapes=({1: Dim.AUTO},), strict=False).module()
+    (out,) = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+    plan = block_mask(out, sequence_symbols([n for n in gm.graph.nodes if n.op == "placeholder"], {"x": 1}))
+    assert "unflatten" in plan.ops
+    env = _node_values(gm, torch.randn(2, 13))
+    qp, kp = torch.tensor([0, 1, 12]), torch.arange(4, 9)
+    got = plan.fn(qp, kp, *(env[leaf] for leaf in plan.leaves))
+    assert plan.differentiable == () and torch.equal(got, env[out][:, :, qp[:, None], kp[None, :]])

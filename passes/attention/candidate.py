@@ -51,6 +51,9 @@ class Candidate:
     fill: float = NEG_INF  # value of dropped scores ('keep')
     mask_invert: bool = False  # masked_fill-style mask (True = drop): feed logical_not(mask)
     mask_factor: float = 1.0  # additive mask applied before a scale: feed mask * factor
+    mask_layout: str | None = None  # the mask's letters, when they are not the score layout's right end
+    mask_recipe: list | None = None  # several masks: the `scores.MaskTerm` steps of one additive mask
+    heads: int | None = None  # H, when the scores split a merged B*H dim ('N' letters before the split)
     sinks: Operand | None = None  # the sink logits, broadcast over the score layout (size 1 but for H)
 
 
@@ -68,6 +71,7 @@ class Plan:
     scale_factor: float  # scales folded into q and k
     heads: int
     peeled: set[fx.Node] = field(default_factory=set)  # looked through (die unless used elsewhere)
+    mask_terms: list | None = None  # several masks: (MaskTerm, Operand | None) in forward order
 
     @property
     def anchor(self) -> fx.Node:
@@ -99,41 +103,66 @@ def _sinks_source(sinks: Operand, heads, peeled: set) -> fx.Node:
     return node
 
 
+def _merged(mask: Operand) -> bool:
+    """The mask's first dim is a merged B*H one ('N', or the 'B' of a [B*H, S, K] form): no H letter."""
+    return (mask.layout[0] in "BN" and "H" not in mask.layout and len(mask.layout) >= 3
+            and not same(tensor_shape(mask.node)[0], 1))
+
+
+def _mask_operand(mask: Operand, heads, peeled: set) -> Operand:
+    """A mask (or mask term) with its merged B*H dim told apart: the [B, H, ...] tensor it was reshaped
+    from, else 'N' (split by `heads`), else 'B' (no split known: then q, k, v treat N as B too)."""
+    if not _merged(mask):
+        return Operand(mask.node, "B" + mask.layout[1:]) if mask.layout[0] == "N" else mask
+    if heads is None:
+        return Operand(mask.node, "B" + mask.layout[1:])
+    src = unmerge(mask.node)
+    if src is not None and same(tensor_shape(src)[1], heads):
+        peeled.add(mask.node)
+        return Operand(src, "BH" + mask.layout[1:])
+    return Operand(mask.node, "N" + mask.layout[1:])
+
+
 def resolve(ctx: MatchContext, cand: Candidate) -> Plan:
     """The common tail of every matcher (see the module doc)."""
     peeled: set[fx.Node] = set()
     q, fq = peel(cand.q, "BHSD", True, peeled)
     k, fk = peel(cand.k, "BHKD", True, peeled)
     v, _ = peel(cand.v, "BHKE", False, peeled)
-    mask, out_layout, score_layout = cand.mask, cand.out_layout, cand.score_layout
-    mask_layout = score_layout[len(score_layout) - len(tensor_shape(mask)):] if mask is not None else None
+    out_layout, score_layout = cand.out_layout, cand.score_layout
+    mask = None
+    if cand.mask is not None:
+        mask = Operand(cand.mask, cand.mask_layout or score_layout[len(score_layout) - len(tensor_shape(cand.mask)):])
 
-    # [B*H, S, D] forms: find the [B, H, S, D] tensors they were reshaped from; failing that, a
-    # mask reshaped from [B, H, ...] still tells how N = B*H splits (any split is exact, since
-    # attention is independent per (b, h); it only has to agree with the mask's)
+    # [B*H, S, D] forms: find the [B, H, S, D] tensors they were reshaped from; failing that, a split of
+    # the scores or a mask reshaped from [B, H, ...] still tells how N = B*H splits (any split is exact,
+    # since attention is independent per (b, h); it only has to agree with the masks')
     heads = None
-    if "H" not in q.layout and all(op.layout.startswith("B") for op in (q, k, v)):
+    if "H" not in q.layout and all(op.layout[0] in "BN" for op in (q, k, v)):
         srcs = [unmerge(op.node) for op in (q, k, v)]
-        mask_merged = mask is not None and mask_layout.startswith("B") and not same(tensor_shape(mask)[0], 1)
-        mask_src = unmerge(mask) if mask_merged else None
+        mask_src = unmerge(mask.node) if mask is not None and _merged(mask) else None
         if all(s is not None for s in srcs) and all(
             same(tensor_shape(s)[0], tensor_shape(srcs[0])[0]) and same(tensor_shape(s)[1], tensor_shape(srcs[0])[1])
             for s in srcs
-        ):
+        ) and (cand.heads is None or same(tensor_shape(srcs[0])[1], cand.heads)):
             heads = tensor_shape(srcs[0])[1]
             peeled.update(op.node for op in (q, k, v))
             q, k, v = (Operand(s, "BH" + op.layout[1:]) for s, op in zip(srcs, (q, k, v)))
-        elif mask_src is not None and isinstance(tensor_shape(mask_src)[1], int):
-            heads = tensor_shape(mask_src)[1]
-            q, k, v = (Operand(op.node, "N" + op.layout[1:]) for op in (q, k, v))
+        else:
+            heads = cand.heads
+            if heads is None and mask_src is not None and isinstance(tensor_shape(mask_src)[1], int):
+                heads = tensor_shape(mask_src)[1]
+            if heads is not None:
+                q, k, v = (Operand(op.node, "N" + op.layout[1:]) for op in (q, k, v))
         if heads is not None:
             out_layout = "N" + out_layout[1:]
-            if mask_merged:
-                if mask_src is not None and same(tensor_shape(mask_src)[1], heads):
-                    peeled.add(mask)
-                    mask, mask_layout = mask_src, "BH" + mask_layout[1:]
-                else:
-                    mask_layout = "N" + mask_layout[1:]
+    terms = None
+    if cand.mask_recipe is not None:
+        terms = [(t, _mask_operand(Operand(t.node, t.layout), heads, peeled) if t.node is not None else None)
+                 for t in cand.mask_recipe]
+        mask = terms[0][1]
+    elif mask is not None:
+        mask = _mask_operand(mask, heads, peeled)
 
     k2, nk = strip_repeat(k, peeled)
     v2, nv = strip_repeat(v, peeled)
@@ -160,9 +189,8 @@ def resolve(ctx: MatchContext, cand: Candidate) -> Plan:
             f"the intermediate {fmt(n)} is also used by {', '.join(fmt(u) for u in users)} outside the attention",
             HINT_WEIGHTS,
         )
-    return Plan(cand=cand, q=q, k=k, v=v, out_layout=out_layout,
-                mask=Operand(mask, mask_layout) if mask is not None else None, sinks=sinks,
-                scale_factor=fq * fk, heads=heads, peeled=peeled)
+    return Plan(cand=cand, q=q, k=k, v=v, out_layout=out_layout, mask=mask, sinks=sinks,
+                scale_factor=fq * fk, heads=heads, peeled=peeled, mask_terms=terms)
 
 
 def to_match(plan: Plan) -> AttentionMatch:

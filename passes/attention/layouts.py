@@ -133,6 +133,19 @@ def unmerge(node: fx.Node) -> fx.Node | None:
     return src
 
 
+def split_heads(node: fx.Node) -> int | None:
+    """H, if `node` is a reshape of a [N, ...] tensor into [B, H, ...] with N = B*H (BLOOM's
+    ``scores.view(B, H, S, S)`` of a [B*H, S, S] baddbmm): the inverse of `unmerge`."""
+    if not is_call(node, RESHAPE) or not isinstance(node.args[0], fx.Node):
+        return None
+    ss, ns = tensor_shape(node.args[0]), tensor_shape(node)
+    if len(ns) != len(ss) + 1 or not isinstance(ns[1], int) or not same(ns[0] * ns[1], ss[0]):
+        return None
+    if not all(same(a, b) for a, b in zip(ss[1:], ns[2:])):
+        return None
+    return ns[1]
+
+
 def strip_repeat(op: Operand, peeled: set) -> tuple[Operand, int]:
     """Undo repeat_kv (unsqueeze(2) -> expand -> reshape) or repeat_interleave(n, dim=1): GQA's shared
     key/value heads, un-repeated (the canonical op repeats them itself)."""

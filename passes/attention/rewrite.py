@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import torch
 from torch import fx
+from torch._prims_common import compute_elementwise_output_logical_to_physical_perm
 
 from ringify.errors import UnsupportedModelError
 
 from ..fx import is_assert, is_call, map_aggregate, value
 from .canonical import attention
 from .find import find_attention
+from .layouts import same
 from .ops import NOT, aten
 from .results import AttentionMatch, AttentionMatches
 
 _COPIED_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return len(a.stride()) == len(b.stride()) and all(same(x, y) for x, y in zip(a.stride(), b.stride()))
 
 
 class _Emitter:
@@ -80,6 +86,41 @@ class _Emitter:
             node = self(aten.flatten.using_ints, (node, i, i + 1))
         return node
 
+    def like_strides(self, node: fx.Node, original: fx.Node) -> fx.Node:
+        """`node` laid out in memory like `original`. Code after an attention may rely on its output's
+        strides: SDPA's output is [B, S, H, D] in memory, so torchtitan's ``out.transpose(1, 2).view(B, S, -1)``
+        is a view (capture drops the ``.contiguous()`` before it as a no-op); the canonical op's output is
+        not, and that view would fail. Permute to the original's memory order, copy, permute back."""
+        want, have = value(original), value(node)
+        if not isinstance(want, torch.Tensor) or self.fake_mode is None or _same_strides(have, want):
+            return node
+        order, _ = compute_elementwise_output_logical_to_physical_perm(want)
+        inverse = [order.index(d) for d in range(want.dim())]
+        dense = self(aten.permute.default, (node, order)) if order != sorted(order) else node
+        dense = self(aten.clone.default, (dense,), {"memory_format": torch.contiguous_format})
+        out = self(aten.permute.default, (dense, inverse)) if order != sorted(order) else dense
+        return out if _same_strides(value(out), want) else node  # not dense: nothing to reproduce
+
+
+def _combined_mask(emit: _Emitter, plan) -> fx.Node:
+    """One additive [B, H, S, K] mask from several (`scores.fold`), built in the order the model applied them."""
+    total = None
+    for term, op in plan.mask_terms:
+        if term.kind == "scale":
+            total = emit(aten.mul.Tensor, (total, term.value))
+            continue
+        x = emit.to_canonical(op.node, op.layout, "BHSK", plan.heads)
+        if term.kind == "add":
+            x = emit(aten.mul.Tensor, (x, term.value)) if term.value != 1.0 else x
+            total = x if total is None else emit(aten.add.Tensor, (total, x))
+        elif total is None:  # a fill before any bias: 0 where kept
+            total = emit(aten.where.Scalar, (x, term.value, 0.0) if term.drop else (x, 0.0, term.value))
+        elif term.drop:
+            total = emit(aten.where.ScalarSelf, (x, term.value, total))
+        else:
+            total = emit(aten.where.ScalarOther, (x, total, term.value))
+    return total
+
 
 def _rewrite(gm: fx.GraphModule, m: AttentionMatch, fake_mode) -> None:
     plan, cand = m._plan, m._plan.cand
@@ -90,7 +131,9 @@ def _rewrite(gm: fx.GraphModule, m: AttentionMatch, fake_mode) -> None:
         k = emit.to_canonical(plan.k.node, plan.k.layout, "BHKD", plan.heads)
         v = emit.to_canonical(plan.v.node, plan.v.layout, "BHKE", plan.heads)
         mask = None
-        if plan.mask is not None:
+        if plan.mask_terms is not None:
+            mask = _combined_mask(emit, plan)
+        elif plan.mask is not None:
             mask = plan.mask.node
             if cand.mask_invert:
                 if is_call(mask, NOT) and value(mask.args[0]).dtype == torch.bool:
@@ -114,6 +157,7 @@ def _rewrite(gm: fx.GraphModule, m: AttentionMatch, fake_mode) -> None:
         want = value(plan.out).dtype
         if value(out).dtype != want:
             out = emit(aten.to.dtype, (out, want))
+        out = emit.like_strides(out, plan.out)
     plan.out.replace_all_uses_with(out)
 
     # drop the region now (in-place ops in it would survive dead-code elimination)

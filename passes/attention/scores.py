@@ -2,10 +2,12 @@
 
 Walking back from the softmax input, every op must be one of: a cast, a constant scale, a soft-cap
 (``c * tanh(s / c)``, Gemma-2), a mask (``masked_fill`` / ``where`` / ``+ bias``), a shift the softmax does
-not see (``+ c``, or ``s - s.max(-1, keepdim=True)``), or the column of attention sinks appended by
-``cat([s, sinks], -1)`` (GPT-OSS). Anything else means this is not attention as the canonical op
-defines it, and the walk says which op. `fold` turns the steps, in forward order, into the canonical
-op's scale / softcap / mask / fill / sinks.
+not see (``+ c``, or ``s - s.max(-1, keepdim=True)``), the column of attention sinks appended by
+``cat([s, sinks], -1)`` (GPT-OSS), or a view that splits a merged ``B*H`` dim into ``(B, H)`` (BLOOM's
+``baddbmm(alibi, q, k^T).view(B, H, S, S)``). Anything else means this is not attention as the canonical
+op defines it, and the walk says which op. `fold` turns the steps, in forward order, into the canonical
+op's scale / softcap / mask / fill / sinks; several masks (BLOOM's ALiBi and padding mask, T5's relative
+bias and padding mask) become one additive mask, the `MaskTerm` recipe the rewrite builds.
 """
 
 from __future__ import annotations
@@ -17,20 +19,33 @@ from torch import fx
 
 from ..fx import arg, value
 from .canonical import NEG_INF
-from .layouts import norm_dim, same
-from .ops import (ADD, CASTS, CAT, DIV, IDENTITY, MASKED_FILL, MUL, SCORE_OPS, SUB, TANH, WHERE, row_max_of, scalar,
-                  scale_of)
+from .layouts import norm_dim, same, split_heads
+from .ops import (ADD, CASTS, CAT, DIV, IDENTITY, MASKED_FILL, MUL, RESHAPE, SCORE_OPS, SUB, TANH, WHERE, row_max_of,
+                  scalar, scale_of)
 from .results import NoMatch, fmt, tensor_shape
 
 
 @dataclass
 class Step:
-    kind: str  # 'cast' | 'scale' | 'shift' | 'fill' | 'where' | 'add' | 'softcap' | 'sinks'
+    kind: str  # 'cast' | 'scale' | 'shift' | 'fill' | 'where' | 'add' | 'softcap' | 'sinks' | 'split'
     node: fx.Node
-    value: float = 1.0  # scale factor, or fill value
+    value: float = 1.0  # scale factor, fill value, or the heads of a split
     mask: fx.Node | None = None  # the mask, bias, or sink column
     keep_true: bool = True  # where(cond, scores, fill): True entries of cond keep the score
     extra: list[fx.Node] = field(default_factory=list)  # nodes that only serve this step (a row max)
+    layout: str = ""  # the scores' layout letters at this step (set by the matcher)
+
+
+@dataclass
+class MaskTerm:
+    """One step of a mask made of several, in forward order: ``add`` value * node, ``scale`` what came
+    before by value, or ``fill`` it with value where node drops (``drop``: True entries drop)."""
+
+    kind: str  # 'add' | 'scale' | 'fill'
+    node: fx.Node | None = None
+    layout: str = ""
+    value: float = 1.0
+    drop: bool = False
 
 
 def _score_inputs(node: fx.Node) -> list[tuple[fx.Node, Step]]:
@@ -63,6 +78,12 @@ def _score_inputs(node: fx.Node) -> list[tuple[fx.Node, Step]]:
         raise NoMatch(f"where() without a constant fill at {fmt(node)}", "use torch.where(mask, scores, float('-inf'))")
     if t in CAT:
         return [_sink_column(node)]
+    if t in RESHAPE:
+        heads = split_heads(node)
+        if heads is None:
+            raise NoMatch(f"the scores pass through {fmt(node)}, a reshape that does not split B*H into (B, H)",
+                          "reshape the scores only to split a merged [B*H, S, S] into [B, H, S, S] (and back)")
+        return [(node.args[0], Step("split", node, value=heads))]
     if t in ADD or t in SUB:
         if node.kwargs.get("alpha", 1) != 1 or len(node.args) > 2:
             raise NoMatch(f"add/sub with alpha at {fmt(node)}")
@@ -115,12 +136,44 @@ def walk_scores(node, depth: int = 0) -> tuple[fx.Node, list[Step]]:
     raise NoMatch(f"both operands of {fmt(node)} are products of two tensors; cannot tell scores from bias")
 
 
+def _term(step: Step) -> MaskTerm:
+    """The mask step `step` as a `MaskTerm` on the right-aligned part of its scores layout."""
+    layout = step.layout[len(step.layout) - len(tensor_shape(step.mask)):] if step.layout else ""
+    if step.kind == "add":
+        return MaskTerm("add", step.mask, layout, step.value)
+    return MaskTerm("fill", step.mask, layout, step.value, drop=step.kind == "fill" or not step.keep_true)
+
+
+def _combinable(recipe: list[MaskTerm], steps: list[Step]) -> None:
+    """Several masks become one additive mask (see `fold`), exact when every fill is -inf (after the
+    scales that follow it). A finite fill is not: where it drops every key of a row, the row's scores
+    get no gradient in the model but would through the sum."""
+    for i, term in enumerate(recipe):
+        if term.kind != "fill":
+            continue
+        fill = term.value
+        for later in recipe[i + 1:]:
+            fill *= later.value if later.kind == "scale" else 1.0
+        if fill != NEG_INF:
+            node = next(s.node for s in steps if s.mask is term.node)
+            raise NoMatch(
+                f"{fmt(node)} fills the scores with {fill:g} next to a second mask; combined into one additive "
+                "mask, a finite fill would let gradients into rows with no visible key",
+                "fill with float('-inf'), or add the mask as a bias (scores + mask) like the other one",
+            )
+
+
 def fold(steps: list[Step], scale: float = 1.0) -> dict:
     """The canonical op's scale / softcap / mask / fill / sinks from the steps (forward order), as
-    `Candidate` fields. `scale` is a factor the score op itself applies (baddbmm's alpha)."""
-    mask, mask_kind, fill, invert, factor = None, None, NEG_INF, False, 1.0
+    `Candidate` fields. `scale` is a factor the score op itself applies (baddbmm's alpha).
+
+    One mask is fed as it is. Several (an ALiBi or relative-position bias and a padding mask) are one
+    additive mask, built from the `MaskTerm` recipe in the same order: ``(s + a) * c + b`` is
+    ``s * c + (a * c + b)`` and ``masked_fill(s + a, drop, -inf)`` is ``s + where(drop, -inf, a)``; `mask` is
+    then the first term (for the report) and `mask_recipe` the recipe."""
+    mask, mask_kind, fill, invert, factor, layout = None, None, NEG_INF, False, 1.0, None
     capped_scale = None  # the scale inside tanh, once a soft-cap is seen (then `scale` counts the one outside)
-    sinks, shifted = None, None
+    sinks, shifted, recipe = None, None, []
     for step in steps:
         if sinks is not None and step.kind not in ("cast", "shift"):
             raise NoMatch(f"the scores pass through {fmt(step.node)} after the attention sinks were appended",
@@ -149,22 +202,27 @@ def fold(steps: list[Step], scale: float = 1.0) -> dict:
                 factor *= step.value
             elif mask_kind == "keep":
                 fill *= step.value
+            if recipe:
+                recipe.append(MaskTerm("scale", value=step.value))
         elif step.kind in ("fill", "where", "add"):
+            if not isinstance(step.mask, fx.Node):
+                raise NoMatch(f"the mask of {fmt(step.node)} is not a tensor")
+            if step.kind != "add" and (value(step.mask) is None or value(step.mask).dtype != torch.bool):
+                raise NoMatch(f"mask `{step.mask.name}` of {fmt(step.node)} is not a bool tensor")
+            recipe.append(_term(step))
             if mask is not None:
-                raise NoMatch(
-                    f"a second mask at {fmt(step.node)} (after `{mask.name}`)",
-                    "combine the masks into one boolean or additive mask before applying it",
-                )
-            mask = step.mask
+                continue
+            mask, layout = step.mask, recipe[-1].layout
             if step.kind == "add":
                 mask_kind, factor = "add", step.value
             else:
                 mask_kind, fill = "keep", step.value
                 invert = step.kind == "fill" or not step.keep_true
-                if value(mask) is None or value(mask).dtype != torch.bool:
-                    raise NoMatch(f"mask `{getattr(mask, 'name', mask)}` of {fmt(step.node)} is not a bool tensor")
-    if mask is not None and not isinstance(mask, fx.Node):
-        raise NoMatch("the mask is not a tensor")
+
+    combined = None
+    if sum(t.kind != "scale" for t in recipe) > 1:
+        _combinable(recipe, steps)
+        combined, mask_kind, fill, invert, factor = recipe, "add", NEG_INF, False, 1.0
 
     softcap = 0.0
     if capped_scale is not None:  # post * tanh(pre * s) == |post| * tanh(pre * post * s / |post|)
@@ -172,4 +230,4 @@ def fold(steps: list[Step], scale: float = 1.0) -> dict:
             raise NoMatch("the soft-capped scores are multiplied by 0")
         softcap, scale = abs(scale), capped_scale * scale
     return dict(scale=scale, softcap=softcap, mask=mask, mask_kind=mask_kind, fill=fill, mask_invert=invert,
-                mask_factor=factor, sinks=sinks)
+                mask_factor=factor, mask_layout=layout or None, mask_recipe=combined, sinks=sinks)

@@ -1,8 +1,8 @@
 """Hand-written attention, anchored on a softmax over the last dim:
 
     scores = q @ k^T                  (matmul / bmm / mm / baddbmm / einsum, 2-D..4-D)
-    scores = scale, soft-cap, mask, casts, sinks      (see `scores`)
-    p      = softmax(scores, -1) -> casts -> [..., :-1] (drop the sink column) -> dropout
+    scores = scale, soft-cap, masks, casts, sinks, a B*H split     (see `scores`)
+    p      = softmax(scores, -1) -> casts -> [..., :-1] (drop the sink column) -> dropout -> B*H merge
     out    = p @ v                    (matmul / bmm / mm / einsum)
 
 The einsum spelling names its dims with letters of its own; `_roles_einsum` maps them onto the layout
@@ -16,7 +16,7 @@ from torch import fx
 from ..fx import arg
 from ..graph import live_users, upstream_within
 from .candidate import Candidate, MatchContext
-from .layouts import Operand, batch_letters, is_symbolic, norm_dim, same
+from .layouts import Operand, batch_letters, is_symbolic, norm_dim, same, unmerge
 from .ops import CASTS, DROPOUT, IDENTITY, SCORE_OPS, SLICE, VALUE_OPS, aten, scalar
 from .results import HINT_GENERAL, HINT_SEQUENCE, HINT_WEIGHTS, NoMatch, fmt, tensor_shape
 from .scores import Step, fold, walk_scores
@@ -31,8 +31,9 @@ def _drops_sink_column(node: fx.Node) -> bool:
     return end == -1 or (end is not None and same(end, shape[-1] - 1))
 
 
-def _walk_probs(sm: fx.Node, ctx: MatchContext, sinks: bool) -> tuple[list[fx.Node], float, fx.Node]:
-    """From the softmax forward to p @ v; returns (cast/slice/dropout nodes, dropout p, value op)."""
+def _walk_probs(sm: fx.Node, ctx: MatchContext, sinks: bool, split: bool) -> tuple[list[fx.Node], float, fx.Node]:
+    """From the softmax forward to p @ v; returns (cast/slice/dropout/merge nodes, dropout p, value op).
+    Scores that were split from [B*H, S, K] into [B, H, S, K] (`split`) must be merged back, once."""
     node, steps, p, dropped = sm, [], 0.0, False
     for _ in range(16):
         users = live_users(node, ctx.live)
@@ -49,6 +50,11 @@ def _walk_probs(sm: fx.Node, ctx: MatchContext, sinks: bool) -> tuple[list[fx.No
             steps.append(u)
             node = u
             continue
+        if split and unmerge(u) is node:
+            split = False
+            steps.append(u)
+            node = u
+            continue
         if u.target in DROPOUT:
             prob, train = arg(u, "p", 0.5), arg(u, "train", True)
             if not isinstance(prob, (int, float)) or not isinstance(train, bool):
@@ -61,6 +67,9 @@ def _walk_probs(sm: fx.Node, ctx: MatchContext, sinks: bool) -> tuple[list[fx.No
             first = u.args[1][0] if u.target is aten.einsum.default else u.args[0]
             second = u.args[1][1] if u.target is aten.einsum.default else u.args[1]
             if first is node and second is not node:
+                if split:
+                    raise NoMatch(f"the probabilities split into [B, H, S, K] are not merged back before {fmt(u)}",
+                                  "view them back to [B*H, S, K] for the bmm with the values")
                 if sinks and not dropped:
                     raise NoMatch(f"the sink column of the probabilities is not dropped before {fmt(u)}",
                                   "drop it with probs[..., :-1]")
@@ -133,7 +142,10 @@ def match_softmax(sm: fx.Node, ctx: MatchContext) -> Candidate:
             HINT_SEQUENCE,
         )
     score, steps = walk_scores(sm.args[0])
-    post, dropout_p, out = _walk_probs(sm, ctx, sinks=any(s.kind == "sinks" for s in steps))
+    splits = [s for s in steps if s.kind == "split"]
+    if len(splits) > 1:
+        raise NoMatch(f"the scores are reshaped twice, at {fmt(splits[0].node)} and {fmt(splits[1].node)}")
+    post, dropout_p, out = _walk_probs(sm, ctx, sinks=any(s.kind == "sinks" for s in steps), split=bool(splits))
 
     alpha, bias = 1.0, []
     if score.target is aten.einsum.default:
@@ -158,15 +170,23 @@ def match_softmax(sm: fx.Node, ctx: MatchContext) -> Candidate:
         if len(tensor_shape(b)) != nd or len(tensor_shape(out.args[1])) != nd or len(tensor_shape(score)) != nd:
             raise NoMatch(f"{fmt(score)} broadcasts tensors of different ranks")
         bl = batch_letters(nd, fmt(score))
+        if splits:
+            if nd != 3:
+                raise NoMatch(f"{fmt(splits[0].node)} splits the scores of a {nd}-D {fmt(score)}, not of [B*H, S, K]")
+            bl = "N"
         q, k, v = Operand(a, bl + "SD"), Operand(b, bl + "DK"), Operand(out.args[1], bl + "KE")
         score_layout, out_layout = bl + "SK", bl + "SE"
 
+    for step in bias + steps:  # the letters each step sees: a split turns N into B, H
+        if step.kind == "split":
+            score_layout = "BH" + score_layout[1:]
+        step.layout = score_layout
     folded = fold(bias + steps, alpha)
     sinks = folded.pop("sinks")
     region = {score, sm, out, *post, *(s.node for s in steps), *(n for s in steps for n in s.extra)}
     return Candidate(form=form, anchor=sm, out=out, q=q, k=k, v=v, score_layout=score_layout, out_layout=out_layout,
                      region=region, dropout_p=dropout_p, sinks=Operand(sinks, score_layout) if sinks is not None
-                     else None, **folded)
+                     else None, heads=int(splits[0].value) if splits else None, **folded)
 
 
 def looks_like_attention(sm: fx.Node, ctx: MatchContext) -> bool:
