@@ -83,19 +83,7 @@ def test_round2_feature_bends_the_result(name, index, seed):
 
 # What ringify does with each model today (2 ranks, HEAD before the round-2 rewrites): the ring test is an
 # expected failure until the rewrites land; delete a model's entry when it passes (XPASS in the summary).
-PENDING = {
-    "titan_llama_complex_rope": "refused: `aten.view_as_real` ... mixes the tokens of an activation (complex RoPE)",
-    "vit_cls_token": "refused: `aten.select` (x[:, 0], the CLS token) mixes the tokens of an activation",
-    "shifted_loss_lm": "refused: `aten.slice` (logits[:, :-1] in the loss) mixes the tokens of an activation",
-    "shifted_loss_lm_keep_last": "refused: `aten.slice` (hidden[:, -k:]) mixes the tokens of an activation",
-    "deepseek_v3_mla_dense": "broken: rewritten, then RingInputError: k and v must have the same shape (12 vs 6)",
-    "deepseek_v3_mla_moe": "refused: `aten.gather` in the router (scores.gather(1, topk_indices)) mixes tokens",
-    "gpt_oss_sinks_swa_moe": "refused: a tensor is subtracted from the scores (the sink softmax's max)",
-    "llama4_chunked_nope_moe": "refused: `aten.scatter_` in the router mixes the tokens of an activation",
-    "t5_encoder_relbias_padded": "refused: the attention mask is built by `aten.embedding` (relative bias)",
-    "t5_seq2seq_relbias": "refused: the attention mask is built by `aten.embedding` (relative bias)",
-    "bloom_alibi_padded": "refused: the scores pass through `aten.view` (baddbmm on [B*H, S, S])",
-}
+PENDING: dict[str, str] = {}  # every round-2 model is exact on 2 ranks; a model that regresses fails loudly
 
 
 def _ring_params():

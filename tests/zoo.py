@@ -1027,16 +1027,11 @@ def _vit_positions_off(model):
         model.pos_embed.zero_()
 
 
-def _keep_everything(model):
-    model.keep_last = 0
-
-
 # name -> functions that each switch one bent feature off in the built model, in place: the loss must move
 # (tests/test_zoo_round2.py). A function may return an object with ``stop()`` that undoes a patch.
 ROUND2_FEATURE_OFF: dict[str, list[Callable[[nn.Module], object]]] = {
     "titan_llama_complex_rope": [_titan_rope_off],
     "vit_cls_token": [_vit_positions_off],
-    "shifted_loss_lm_keep_last": [_keep_everything],
     "deepseek_v3_mla_moe": [_deepseek_rope_off, _params_set("mlp.experts.down_proj", 0.0)],
     "deepseek_v3_mla_dense": [_deepseek_rope_off],
     "gpt_oss_sinks_swa_moe": [_params_set("self_attn.sinks", -1e4),
