@@ -120,10 +120,7 @@ class _Sharder:
         self.needed: set[fx.Node] = set()
         for node in reversed(self.nodes):
             if node.op == "output":
-                for arg in node.all_input_nodes:
-                    self.needed.add(arg)
-                    if self.tokens(arg):
-                        (self.need_local.add(arg) if self.active[arg] else self.need_full.setdefault(arg, node))
+                self._demand_as_held(node)
                 continue
             if is_assert(node):
                 continue  # emitted only where the values it checks exist anyway
@@ -179,10 +176,7 @@ class _Sharder:
                 continue
             if fam == JOIN:  # whole from the local activations (gathered) and full inputs; cut where used
                 self.compute_full.add(node)
-                for arg in node.all_input_nodes:
-                    self.needed.add(arg)
-                    if self.tokens(arg):
-                        (self.need_local.add(arg) if self.active[arg] else self.need_full.setdefault(arg, node))
+                self._demand_as_held(node)
                 continue
             # token-local
             if wanted_full:
@@ -191,6 +185,14 @@ class _Sharder:
             if wanted_local:
                 self.compute_local.add(node)
                 self._demand_inputs(node, local=True)
+
+    def _demand_as_held(self, node: fx.Node) -> None:
+        """Each input with tokens in the version it is held in: local if an activation, else full (outputs,
+        joins)."""
+        for arg in node.all_input_nodes:
+            self.needed.add(arg)
+            if self.tokens(arg):
+                (self.need_local.add(arg) if self.active[arg] else self.need_full.setdefault(arg, node))
 
     def _demand_write(self, node: fx.Node) -> None:
         """An in-place write (``key[..., :8].copy_(k)``: a node without users) is needed in every version

@@ -34,6 +34,11 @@ def frame_positions(seq_len, frame, group: str, layout: str, device) -> torch.Te
     return positions[(positions >= start) & (positions < stop)] - start
 
 
+def frame_length(seq_len, frame) -> int:
+    """Tokens in ``frame`` (all ``seq_len`` of the base for None)."""
+    return int(seq_len) if frame is None else int(frame[1]) - int(frame[0])
+
+
 def slice_tokens(x: torch.Tensor, dim: int, seq_len, frame, start, stop, group: str, layout: str) -> torch.Tensor:
     """This rank's rows of ``x`` (its tokens of ``frame``) whose frame position is in ``[start, stop)``
     (clamped to the frame's length already): the shard of the slice, whose frame is ``frame`` narrowed."""
@@ -50,7 +55,7 @@ def cut_full(x: torch.Tensor, dim: int, seq_len, frame, group: str, layout: str)
 def select_token(x: torch.Tensor, dim: int, seq_len, frame, index, group: str, layout: str) -> torch.Tensor:
     """``x.select(dim, index)`` over the whole frame, on every rank: the owner's row, summed over ranks."""
     at = frame_positions(seq_len, frame, group, layout, x.device)
-    length = int(seq_len) if frame is None else int(frame[1]) - int(frame[0])
+    length = frame_length(seq_len, frame)
     index = int(index) % length
     hit = torch.nonzero(at == index).flatten()
     dim = dim % x.dim()
@@ -64,7 +69,7 @@ def select_token(x: torch.Tensor, dim: int, seq_len, frame, index, group: str, l
 
 def gather_frame(x: torch.Tensor, dim: int, seq_len, frame, group: str, layout: str) -> torch.Tensor:
     """The whole frame of ``x`` on every rank: each rank's rows in place, summed over ranks."""
-    length = int(seq_len) if frame is None else int(frame[1]) - int(frame[0])
+    length = frame_length(seq_len, frame)
     at = frame_positions(seq_len, frame, group, layout, x.device)
     dim = dim % x.dim()
     full = x.new_zeros((*x.shape[:dim], length, *x.shape[dim + 1:]))
@@ -93,7 +98,7 @@ def regather(x: torch.Tensor, dim: int, seq_len, frame, group: str, layout: str)
     """The whole frame of ``x`` on every rank, for an op that joins sequences (``cat([cls, x], 1)``: a new
     sequence, laid out anew); unlike :func:`gather_frame` each rank then uses other rows of it."""
     dim = dim % x.dim()
-    length = int(seq_len) if frame is None else int(frame[1]) - int(frame[0])
+    length = frame_length(seq_len, frame)
     at = frame_positions(seq_len, frame, group, layout, x.device)
     pg = resolve_group(group)
     if rank_and_size(pg)[1] == 1 and at.numel() == length:

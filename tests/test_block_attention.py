@@ -210,30 +210,37 @@ def recent_keys(q_pos, k_pos):
     return (q_pos[:, None] - k_pos[None, :]) < 5
 
 
+def decode_one(q, k, v, prompt, layout, mask_args, **kwargs):
+    """The last of ``k``/``v``'s ``prompt + 1`` positions decoded: a cache holding this rank's prompt keys and
+    values, then ``cache_attention`` (scale 0.3, causal, fill -inf, no soft-cap) with ``kwargs``."""
+    import torch.distributed as dist
+
+    from ringify.runtime import kv_cache
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cache = kv_cache.ShardedKVCache("", kv_cache.slots_per_rank(prompt, 2, world))
+    cache.begin(prompt, layout, "cpu")
+    mine = layout_positions(prompt, world, rank, layout)
+    cache.store(0, k[:, :, mine], v[:, :, mine])
+    cache.step(prompt, append=True)
+    slot = kv_cache.new_slot()
+    with kv_cache.bound(slot, cache):
+        return kv_cache.cache_attention(q, k[:, :, prompt:], v[:, :, prompt:], mask_args, slot=slot, layer=0,
+                                        scale=0.3, causal=True, fill=float("-inf"), softcap=0.0, group="", **kwargs)
+
+
 def check_decode_with_sinks(seed, prompt, layout):
     """One decoded token (q/k head dim 6, value head dim 12, sinks randn * 3) over the cache sharded on the ranks,
     against the fp64 softmax with the sink column over every key; with and without a block mask."""
-    import torch.distributed as dist
+    from ringify.runtime import register_block_mask
 
-    from ringify.runtime import kv_cache, register_block_mask
-
-    rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, 4, 1, 6, generator=g)
     k, v = torch.randn(2, 2, prompt + 1, 6, generator=g), torch.randn(2, 2, prompt + 1, 12, generator=g)
     sinks = torch.randn(4, generator=g) * 3
     errors = []
     for mask in (None, register_block_mask(recent_keys)):
-        cache = kv_cache.ShardedKVCache("", kv_cache.slots_per_rank(prompt, 2, world))
-        cache.begin(prompt, layout, "cpu")
-        mine = layout_positions(prompt, world, rank, layout)
-        cache.store(0, k[:, :, mine], v[:, :, mine])
-        cache.step(prompt, append=True)
-        slot = kv_cache.new_slot()
-        with kv_cache.bound(slot, cache):
-            out = kv_cache.cache_attention(q, k[:, :, prompt:], v[:, :, prompt:], [], slot=slot, layer=0, mask_fn=mask,
-                                           scale=0.3, causal=True, fill=float("-inf"), softcap=0.0, group="",
-                                           sinks=sinks)
+        out = decode_one(q, k, v, prompt, layout, [], mask_fn=mask, sinks=sinks)
         s = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2) * 0.3
         if mask is not None:
             s = s.masked_fill(~recent_keys(torch.tensor([prompt]), torch.arange(prompt + 1)), float("-inf"))
@@ -324,25 +331,13 @@ def test_mask_gradients_of_two_blocks(seed, monkeypatch, positions, softcap, fil
 
 def check_decode_with_a_learned_bias(seed, prompt, layout):
     """Decoding takes a mask argument that requires grad (it is just an argument: no gradient, no graph)."""
-    import torch.distributed as dist
+    from ringify.runtime import register_block_mask
 
-    from ringify.runtime import kv_cache, register_block_mask
-
-    rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, 4, 1, 8, generator=g)
     k, v = torch.randn(2, 2, prompt + 1, 8, generator=g), torch.randn(2, 2, prompt + 1, 8, generator=g)
     table = (torch.randn(4, 81, generator=g) * 3).requires_grad_()
-    cache = kv_cache.ShardedKVCache("", kv_cache.slots_per_rank(prompt, 2, world))
-    cache.begin(prompt, layout, "cpu")
-    mine = layout_positions(prompt, world, rank, layout)
-    cache.store(0, k[:, :, mine], v[:, :, mine])
-    cache.step(prompt, append=True)
-    slot = kv_cache.new_slot()
-    with kv_cache.bound(slot, cache):
-        out = kv_cache.cache_attention(q, k[:, :, prompt:], v[:, :, prompt:], [table], slot=slot, layer=0,
-                                       mask_fn=register_block_mask(head_bias), scale=0.3, causal=True,
-                                       fill=float("-inf"), softcap=0.0, group="")
+    out = decode_one(q, k, v, prompt, layout, [table], mask_fn=register_block_mask(head_bias))
     assert not out.requires_grad
     s = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2) * 0.3
     s = s + head_bias(torch.tensor([prompt]), torch.arange(prompt + 1), table.detach().double())
