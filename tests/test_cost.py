@@ -309,7 +309,7 @@ def test_demo_tinygpt_local_outputs_scale_with_the_devices():
 def test_fake_run_knows_which_bytes_are_gradients():
     """The fake run counts every parameter's gradient once (post-accumulate hooks), so the peak without them
     (FSDP2 frees each layer's gradients after its reduce-scatter) is below the peak with them."""
-    from ringify.cost import _prepared_copy, _simulate
+    from ringify.cost.profile import _prepared_copy, _simulate
 
     model = _meta_llama(layers=2, hidden=64, vocab=500, inter=128, heads=4, kv_heads=2)
     ids = torch.randint(100, (1, 32)).to("meta")
@@ -329,7 +329,7 @@ def test_long_sequences_peak_where_activations_do_not_where_the_fit_did(seed):
     """A model whose gradients dominate the step at the fitted lengths (its peak at the end of backward) but
     whose activations dominate at 16k tokens (the peak at the start of backward): the prediction follows the
     activations' moment, within 8% of a fake run at that length (the end-of-backward chord alone was 15% low)."""
-    from ringify.cost import _prepared_copy, _simulate
+    from ringify.cost.profile import _prepared_copy, _simulate
 
     model = _meta_llama(layers=2, hidden=2048, vocab=1000, inter=8192, heads=16, kv_heads=16)
     ids = torch.randint(1000, (1, 64 + seed % 64)).to("meta")
