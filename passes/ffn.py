@@ -35,6 +35,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils.checkpoint import checkpoint
 
+from ..runtime.graph_calls import graph_call
 from .fx import common_prefix, frames, named_args, stack_path, value
 
 __all__ = ["ACTIVATIONS", "FFNMatch", "chunk_feed_forward", "chunked_ffn", "find_feed_forward",
@@ -84,6 +85,7 @@ def _ffn(x, *weights, kind: str, activation: str, proj: str, gate_half: int):
     raise ValueError(f"unknown feed-forward kind {kind!r}")
 
 
+@graph_call("ffn", "chunked FFN")
 def chunked_ffn(x: torch.Tensor, *weights, kind: str, activation: str, token_dim: int, chunk_tokens: int,
                 proj: str = "linear", gate_half: int = 0) -> torch.Tensor:
     """The feed-forward block ``kind`` applied to ``x`` in chunks of ``chunk_tokens`` along ``token_dim``.

@@ -354,7 +354,7 @@ def complete_report(report: Report, model, captured, new: fx.GraphModule, hardwa
     ringify option (the model's own checkpointing is always costed; "layers" recomputes every layer).
     Inference adds what ``rm.generate`` of ``new_tokens`` after a prompt of the report's length costs."""
     from .cost import HARDWARE, cost_summary, profile_model
-    from .html import graph_summary
+    from .report import graph_summary
 
     report.graph = graph_summary(new)
     attention = [entry for layer in report.layers.values() for entry in layer.get("attention", [])]

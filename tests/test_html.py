@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ringify import ringify
-from ringify.html import graph_summary
+from ringify.report import graph_summary
 from ringify.report import Report
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -133,7 +133,7 @@ def test_graph_summary_knows_the_custom_ops():
     """A graph holding ringify's registered ops (as after torch.export of a rewritten graph), not its functions."""
     from torch import fx
 
-    from ringify.html import draw_graph
+    from ringify.report.plots import draw_graph
     from ringify.runtime import graph_calls
 
     g = fx.Graph()
