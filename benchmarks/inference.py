@@ -21,7 +21,7 @@ memory, decode time per token, and the tokens.
 
 Medians of ``--reps`` after a warm-up, one torch thread per process, every row measured in the same run.
 The machine's cores are recorded: with more ranks than cores (W > cores) the ranks share cores, so the times
-of those rows are not a ring's (memory is unaffected). ``--smoke`` runs tiny shapes once (tests/test_benchmarks.py).
+of those rows are not a ring's (memory is unaffected). ``--smoke`` runs tiny shapes once (tests/cli/test_benchmarks.py).
 
     python benchmarks/inference.py [--smoke] [--out benchmarks/results/inference_cpu.json]
 """

@@ -5,7 +5,7 @@
 The model is a zoo model (``tests/support/zoo.py``; default a 2-layer HuggingFace Llama: GQA, RoPE, SwiGLU,
 loss on labels; ``gemma2`` adds soft-capping and sliding windows) from a small config, random weights, no download. It is captured and rewritten for ``--world-size`` ranks in this one process (the
 rewrite needs no process group), and the report gets the picture of the rewritten graph and the cost
-model (``ringify.cost``; ``--sample-cost`` puts in the synthetic numbers of ``tests/test_html.py``
+model (``ringify.cost``; ``--sample-cost`` puts in the synthetic numbers of ``tests/support/report_samples.py``
 instead, e.g. to look at the plots while the cost model is not installed). Prints the paths of the page
 and of the screenshot (``--no-screenshot``, or no ``chromium`` on the PATH: the page only).
 """
@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
 
 
 def build_report(model: str, world_size: int, seq_len: int, hardware: str | None, sample_cost: bool):
@@ -46,19 +44,10 @@ def build_report(model: str, world_size: int, seq_len: int, hardware: str | None
             print("no cost model in the report (ringify.cost missing?); pass --sample-cost for synthetic plots",
                   file=sys.stderr)
         else:
-            from test_html import sample_cost as synthetic
+            from report_samples import sample_cost as synthetic
 
             report.cost = synthetic()
     return report
-
-
-def screenshot(chromium: str, html_path: str, png_path: str, width: int, height: int) -> None:
-    with tempfile.TemporaryDirectory() as profile:
-        cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={png_path}",
-               f"--window-size={width},{height}", "file://" + os.path.abspath(html_path)]
-        subprocess.run(cmd, check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main() -> None:
@@ -67,7 +56,7 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=37)
     parser.add_argument("--hardware", default=None, help="a ringify.cost.HARDWARE name (default: cpu-gloo)")
-    parser.add_argument("--sample-cost", action="store_true", help="synthetic cost numbers (tests/test_html.py)")
+    parser.add_argument("--sample-cost", action="store_true", help="synthetic cost numbers (tests/support/report_samples.py)")
     parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "ringify_report"))
     parser.add_argument("--width", type=int, default=1400)
     parser.add_argument("--height", type=int, default=4400)
@@ -84,13 +73,14 @@ def main() -> None:
     with open(os.path.join(opts.out, f"{name}_report.md"), "w") as f:
         f.write(report.to_markdown())
     print(f"page: {html_path} ({len(page) / 1024:.0f} KiB, {time.perf_counter() - start:.1f} s)")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if opts.no_screenshot or chromium is None:
-        if chromium is None:
+    from chromium import CHROMIUM, screenshot
+
+    if opts.no_screenshot or CHROMIUM is None:
+        if CHROMIUM is None:
             print("no chromium on the PATH: no screenshot", file=sys.stderr)
         return
     png_path = os.path.join(opts.out, f"{name}_report.png")
-    screenshot(chromium, html_path, png_path, opts.width, opts.height)
+    screenshot(html_path, png_path, opts.width, opts.height, timeout=300)
     print(f"screenshot: {png_path}")
 
 

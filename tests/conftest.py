@@ -1,9 +1,17 @@
+"""Fixtures every part's tests share, and ``tests/support`` on the path: the zoo, the CLI's model factories,
+the Triton interpreter switch and the report's samples import by their module names (``import zoo``), here and
+in the processes the ring tests spawn (which inherit ``sys.path``)."""
+
+import os
 import random
+import sys
 
 import pytest
 
-from ringify.launch import LocalRanks
-from triton_interpret import ON_CPU, interpret_mode
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "support"))
+
+from ringify.launch import LocalRanks  # noqa: E402
+from triton_interpret import ON_CPU, interpret_mode  # noqa: E402
 
 
 def _import_triton_interpretable() -> None:
@@ -11,7 +19,7 @@ def _import_triton_interpretable() -> None:
 
     Triton's own library functions (``tl.max``...) are wrapped for interpreting or compiling when triton
     is first imported. Other test modules import it through the package; if they came first, the kernel
-    tests (tests/test_triton_kernels.py) could not run in the interpreter and would skip in ``make test``.
+    tests (tests/runtime/test_triton_kernels.py) could not run in the interpreter and would skip in ``make test``.
     The variable is put back at once: the package's own kernel module still sees it unset.
     """
     if not ON_CPU:

@@ -16,7 +16,6 @@ def mask_text(attn: dict) -> str:
     return " + ".join(parts) or "none"
 
 
-
 def setup_text(profile: dict) -> str:
     """The training setup the memory is for, in words: dtype, optimizer, mixed precision, FSDP sharding."""
     if not profile:

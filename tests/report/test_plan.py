@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from ringify.cli import app
 from ringify.plan import config_dtype, from_config_directory, is_meta, weightless_directory
 
-TESTS = pathlib.Path(__file__).parent
+SUPPORT = pathlib.Path(__file__).parents[1] / "support"  # cli_models: the MODEL factories named below
 runner = CliRunner()
 
 # Llama-3.1-8B's architecture (meta-llama/Llama-3.1-8B config.json), as its config writes it
@@ -167,7 +167,7 @@ def test_checkpointing_is_costed_as_recomputation(tmp_path, seed):
 
 
 def test_factory_that_builds_on_meta(monkeypatch):
-    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.syspath_prepend(str(SUPPORT))
     report = report_json("cli_models:tiny_gpt_meta", "--world-size", 2, "--seq-len", 64)
     profile = report["cost"]["profile"]
     assert report["model"] == "TinyGPT" and profile["method"] == "fake-trace" and profile["meta_device"]
@@ -179,7 +179,7 @@ def test_factory_that_builds_on_meta(monkeypatch):
 def test_model_that_reads_values_on_meta_says_so():
     done = subprocess.run([str(pathlib.Path(sys.executable).parent / "ringify"), "report",
                            "cli_models:reads_its_buffer_meta", "--seq-len", "16"], capture_output=True, text=True,
-                          cwd=TESTS, timeout=300)
+                          cwd=SUPPORT, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "without weights (on the meta device)" in error[0] and ".item()" in error[0], error

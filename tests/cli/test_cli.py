@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from ringify.cli import app
 from ringify.verify import relative_error
 
-TESTS = pathlib.Path(__file__).parent
+SUPPORT = pathlib.Path(__file__).parents[1] / "support"  # cli_models: the MODEL factories named below
 RINGIFY = pathlib.Path(sys.executable).parent / "ringify"
 runner = CliRunner()
 
@@ -32,9 +32,9 @@ def cli(*args: str):
 
 
 def subprocess_cli(*args: str, timeout: float = 300, prefix: tuple = (), columns: int = 200) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "COLUMNS": str(columns)}
+    env = {**os.environ, "PYTHONPATH": f"{SUPPORT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "COLUMNS": str(columns)}
     command = [*prefix, *([str(RINGIFY)] if not prefix else []), *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=TESTS)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=SUPPORT)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Every model of the zoo, ringified on real gloo rings, as a new user would try it.
 
-The zoo (tests/zoo.py) holds the named models and their relatives: other decoder families (Qwen2/3,
+The zoo (tests/support/zoo.py) holds the named models and their relatives: other decoder families (Qwen2/3,
 Gemma, Gemma2 with logit soft-capping, Gemma3, StableLM, Phi3, Falcon, OPT, GPT-BigCode with MQA,
 mixture-of-experts Mixtral and Qwen2-MoE),
 encoders (RoBERTa), sliding-window attention (Mistral, Gemma2), partial rotary (GPT-NeoX, Phi,

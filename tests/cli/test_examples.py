@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow  # ~30-60 s: four spawned ranks import transformers and capture the model
-@pytest.mark.parametrize("checkpoint", ["hf"])  # checkpoint="layers" and the rest: tests/test_fsdp.py
+@pytest.mark.parametrize("checkpoint", ["hf"])  # checkpoint="layers" and the rest: tests/api/test_fsdp.py
 def test_train_llama_standalone(checkpoint):
     """The README's training recipe (FSDP2 over dp x ringify over cp, local outputs, checkpointing), 2 x 2 ranks."""
     cmd = [sys.executable, str(ROOT / "examples" / "train_llama.py"), "--dp", "2", "--cp", "2", "--steps", "2",

@@ -279,10 +279,6 @@ def test_mask_structure_is_named(seed):
 
 def test_report_names_hf_masks(seed):
     """The report says what each HF mask is once it has run, instead of the ops that build it."""
-    import sys
-    import pathlib
-
-    sys.path.insert(0, str(pathlib.Path(__file__).parent))
     import zoo
 
     from ringify import ringify

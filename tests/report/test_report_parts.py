@@ -10,7 +10,7 @@ from torch import fx
 
 from ringify.report import Report, graph_summary
 from ringify.report import layout
-from ringify.report.plots import CHAR, draw_graph
+from ringify.report.plots import CHAR
 from ringify.report.summary import KINDS
 from ringify.runtime import graph_calls
 from ringify.runtime.graph_calls import declared, graph_call
@@ -61,17 +61,6 @@ def test_layouts_keep_the_boxes_of_a_row_apart(arrange):
             assert xy[b][0] - xy[a][0] >= (widths[a] + widths[b]) / 2 - 1e-9, (arrange, a, b)
     for u, v in graph.edges:  # top to bottom in data-flow order
         assert xy[u][1] > xy[v][1]
-
-
-def test_both_layouts_draw():
-    g = fx.Graph()
-    x = g.placeholder("x")
-    cut = g.call_function(graph_calls.shard_like, (x, 1, "", "zigzag"))
-    q = g.call_function(torch.ops.aten.mul.Tensor, (cut, 2.0))
-    attn = g.call_function(torch.ops.ringify.ring_attention.default, (q, q, q))
-    g.output(g.call_function(torch.ops.aten.add.Tensor, (attn, cut)))
-    summary = graph_summary(fx.GraphModule(torch.nn.Module(), g))
-    assert draw_graph(summary, "layered") != draw_graph(summary, "multipartite")
 
 
 def test_the_page_escapes_what_it_shows():

@@ -1,4 +1,4 @@
-"""Factories the CLI tests name as ``tests.cli_models:NAME`` (``package.module:factory`` MODEL arguments)."""
+"""Factories the CLI tests name as ``cli_models:NAME`` (``package.module:factory`` MODEL arguments)."""
 
 from __future__ import annotations
 

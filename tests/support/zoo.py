@@ -576,7 +576,7 @@ ZOO: dict[str, Callable[..., ZooModel]] = {
 # checked like the zoo above but kept out of ``ZOO`` until the passes support them: ``ROUND2`` (name ->
 # builder). Each builder bends the feature under test so that dropping it fails a 1e-5 check, and
 # ``ROUND2_FEATURE_OFF`` (name -> function that switches the feature off in place) lets a test prove it.
-# ``check_same_function`` is the check every ring test runs (tests/test_relatives.py, test_zoo_round2.py).
+# ``check_same_function`` is the check every ring test runs (tests/api/test_relatives.py, test_zoo_round2.py).
 
 
 def check_same_function(zm: ZooModel, seed: int, seq_len: int, ffn_chunk_tokens: int = 3) -> dict:
@@ -1028,7 +1028,7 @@ def _vit_positions_off(model):
 
 
 # name -> functions that each switch one bent feature off in the built model, in place: the loss must move
-# (tests/test_zoo_round2.py). A function may return an object with ``stop()`` that undoes a patch.
+# (tests/api/test_zoo_round2.py). A function may return an object with ``stop()`` that undoes a patch.
 ROUND2_FEATURE_OFF: dict[str, list[Callable[[nn.Module], object]]] = {
     "titan_llama_complex_rope": [_titan_rope_off],
     "vit_cls_token": [_vit_positions_off],

@@ -366,7 +366,7 @@ def test_along_dim():
     found = families(AlongTokens(), x)
     for op in ("aten.cumsum", "aten.softmax", "aten.sort", "aten.topk", "aten.pad"):
         assert found[op] == {MIX}, (op, found)
-    assert found["aten.cat"] == {JOIN}, found  # a new sequence: gathered whole, cut again (tests/test_slicing.py)
+    assert found["aten.cat"] == {JOIN}, found  # a new sequence: gathered whole, cut again (tests/passes/test_slicing.py)
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -401,7 +401,7 @@ def test_selection():
                                                "aten.index_select": LOCAL, "aten.scatter": LOCAL,
                                                "aten.gather": LOCAL, "aten.scatter_add": LOCAL})
     on_shards(Selection(), x)
-    found = families(SlicesTokens(), x)  # along the tokens: plain slices and one token (tests/test_slicing.py)
+    found = families(SlicesTokens(), x)  # along the tokens: plain slices and one token (tests/passes/test_slicing.py)
     assert found["aten.slice"] == {SLICE, MIX}, found  # x[:, 1:] keeps a frame; x[:, ::2] mixes
     assert found["aten.select"] == {SELECT} and found["aten.index_select"] == {MIX}, found
 

@@ -5,69 +5,19 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 
 import networkx as nx
 import pytest
 import torch
 
 from ringify import ringify
-from ringify.report import graph_summary
-from ringify.report import Report
+from ringify.report import Report, graph_summary
 
-sys.path.insert(0, os.path.dirname(__file__))
+from chromium import CHROMIUM, screenshot
+from report_samples import sample_cost
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 GiB = 2**30
-
-
-def sample_cost(seq_len: int = 131_072, world_size: int = 8, worlds=(1, 2, 4, 8, 16, 32)) -> dict:
-    """A cost section in ringify.cost's schema with plausible numbers (a 7B Llama-like model, bf16, on an
-    80 GiB accelerator with a 200 GB/s link), to develop and test the page against."""
-    params, layers, hidden, kv_width = 6.7e9, 32, 4096, 1024
-    flops, bandwidth, memory = 400e12, 200e9, 80 * GiB
-
-    def breakdown(s: int, w: int) -> dict:
-        local = -(-s // w)
-        parts = {"parameters": int(2 * params), "gradients": int(2 * params),
-                 "activations": int(local * layers * hidden * 2 * 4),
-                 "kv_buffers": int(2 * 2 * local * kv_width * 2),
-                 "attention_workspace": int(local * 32 * 4 * 2 + 64 * 2**20)}
-        total = sum(parts.values())
-        return {**parts, "total": total, "fits": total <= memory}
-
-    def step(block: int) -> tuple[float, float]:
-        return 4 * block * block * hidden / flops, 2 * block * kv_width * 2 / bandwidth
-
-    lengths = [2**k for k in range(10, 25)]
-    curves = {str(w): [[s, breakdown(s, w)["total"]] for s in lengths] for w in worlds}
-    free = memory - 4 * params
-    per_token = layers * hidden * 2 * 4 + 2 * 2 * kv_width * 2 + 32 * 4 * 2
-    max_context = {str(w): max(0, int((free - 64 * 2**20) / per_token) * w) for w in worlds}
-    block = -(-seq_len // world_size)
-    compute, transfer = step(block)
-    min_block = int(kv_width * flops / (bandwidth * hidden))
-    blocks = [2**k for k in range(6, 21)]
-    return {
-        "estimate": {
-            "seq_len": seq_len, "world_size": world_size,
-            "hardware": {"name": "sample-80g", "description": "synthetic accelerator for tests", "flops": flops,
-                         "bandwidth": bandwidth, "memory": memory},
-            "per_device": breakdown(seq_len, world_size),
-            "ring_step": {"block_tokens": block, "bytes_sent": 2 * block * kv_width * 2, "compute_seconds": compute,
-                          "transfer_seconds": transfer, "min_block_tokens": min_block,
-                          "transfer_hidden": compute >= transfer},
-            "steps_per_layer": world_size,
-        },
-        "max_context": max_context,
-        "memory_curve": curves,
-        "step_curve": [[b, *step(b)] for b in blocks],
-        "profile": {"parameters": params, "layers": layers, "hidden": hidden, "kv_width": kv_width},
-    }
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +97,7 @@ def test_graph_summary_knows_the_custom_ops():
     assert kinds == ["input", "shard", "local", "ring_attention", "collective", "output"], kinds
     assert len(summary["edges"]) == 5
     assert draw_graph(summary).startswith("data:image/png;base64,")
+    assert draw_graph(summary, "multipartite").startswith("data:image/png;base64,")  # the other layout draws too
     empty = fx.Graph()
     empty.output(None)
     assert draw_graph(graph_summary(fx.GraphModule(torch.nn.Module(), empty))) is not None  # one node: output
@@ -202,16 +153,6 @@ def test_json_round_trip_and_markdown(llama):
     markdown = report.to_markdown()
     assert "## cost" in markdown and "largest context" in markdown and "sample-80g" in markdown
     assert "model.model.layers.1" in markdown
-
-
-def screenshot(html_path: str, png_path: str, width: int = 1400, height: int = 3000, timeout: float = 180) -> None:
-    """Headless Chromium screenshot of a local page (nothing reaches the network)."""
-    profile = os.path.join(os.path.dirname(png_path), "chromium-profile")
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={png_path}",
-           f"--window-size={width},{height}", "file://" + os.path.abspath(html_path)]
-    subprocess.run(cmd, check=True, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
