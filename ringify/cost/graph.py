@@ -3,7 +3,7 @@ whether each is causal (by flag, by a comparison of positions, or by a lower-tri
 nodes only feed attention masks.
 
 Questions about an ``fx`` graph that never change it, asked by :mod:`ringify.cost.profile` while it builds a
-:class:`~ringify.cost.model.ModelProfile` (:func:`_attention_shapes` writes its answers into one) and while
+:class:`~ringify.cost.model.ModelProfile` (:func:`attention_shapes` writes its answers into one) and while
 its fake-tensor run decides what to stub and what to skip.
 """
 
@@ -25,7 +25,7 @@ def _canonical_attention():
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
-def _attention_nodes(graph: fx.Graph) -> list[fx.Node]:
+def attention_nodes(graph: fx.Graph) -> list[fx.Node]:
     canonical = _canonical_attention()
     return [n for n in graph.nodes if n.op == "call_function" and n.target in (canonical, _SDPA)]
 
@@ -37,9 +37,9 @@ def _int(x) -> int | None:
         return None
 
 
-def _attention_shapes(gm: fx.GraphModule, attention: list[dict], profile: ModelProfile) -> None:
+def attention_shapes(gm: fx.GraphModule, attention: list[dict], profile: ModelProfile) -> None:
     """Heads, kv heads, head dim, dtype, causal and masks from the summaries, else from the graph."""
-    nodes = _attention_nodes(gm.graph)
+    nodes = attention_nodes(gm.graph)
     profile.layers = max(len(attention or []), len(nodes))
     shapes = []
     v_dims = []
@@ -76,7 +76,7 @@ def _attention_shapes(gm: fx.GraphModule, attention: list[dict], profile: ModelP
         bool(n.kwargs.get("causal") or n.kwargs.get("is_causal")) for n in nodes]
     profile.causal_flag = bool(flags) and all(flags)
     if nodes and not attention:
-        profile.masked = any(_mask_arg(n) is not None for n in nodes)
+        profile.masked = any(mask_arg(n) is not None for n in nodes)
 
 
 _POSITION_COMPARISONS = {"le", "lt", "ge", "gt", "tril", "triu"}
@@ -94,7 +94,7 @@ def _graph_causal(gm: fx.GraphModule, node: fx.Node, limit: int = 256, unread: l
     Tables on the ``meta`` device have no values to check: their names go to ``unread``."""
     if node.kwargs.get("causal") or node.kwargs.get("is_causal"):
         return True
-    mask = _mask_arg(node)
+    mask = mask_arg(node)
     todo, seen = [mask] if isinstance(mask, fx.Node) else [], set()
     while todo and len(seen) < limit:
         n = todo.pop()
@@ -122,29 +122,29 @@ def _graph_causal(gm: fx.GraphModule, node: fx.Node, limit: int = 256, unread: l
     return False
 
 
-def _mask_arg(node: fx.Node):
+def mask_arg(node: fx.Node):
     if node.target is _SDPA:
         return node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     return node.args[3] if len(node.args) > 3 else node.kwargs.get("mask")
 
 
-def _mask_only(graph: fx.Graph, root: torch.nn.Module | None = None) -> set[fx.Node]:
+def mask_only(graph: fx.Graph, root: torch.nn.Module | None = None) -> set[fx.Node]:
     """Nodes whose values only feed attention masks (the ring evaluates those per block pair instead),
     also through the recomputed regions' calls (``root``'s :class:`~ringify.runtime.regions.Recompute`
     submodules) to the attention inside."""
     from ..runtime.regions import Recompute
 
     masks: set[fx.Node] = set()
-    attn = set(_attention_nodes(graph))
+    attn = set(attention_nodes(graph))
     mask_inputs: dict[fx.Node, set[int]] = {}  # a region call -> the positions of its mask-only inputs
     for node in graph.nodes:
         module = root.get_submodule(node.target) if root is not None and node.op == "call_module" else None
         if isinstance(module, Recompute):
-            inner = _mask_only(module.body.graph, module.body)
+            inner = mask_only(module.body.graph, module.body)
             places = [n for n in module.body.graph.nodes if n.op == "placeholder"]
             mask_inputs[node] = {i for i, p in enumerate(places)
-                                 if p.users and all(u in inner or (u in set(_attention_nodes(module.body.graph))
-                                                                   and _mask_arg(u) is p and p not in u.args[:3])
+                                 if p.users and all(u in inner or (u in set(attention_nodes(module.body.graph))
+                                                                   and mask_arg(u) is p and p not in u.args[:3])
                                                     for u in p.users)}
     for node in reversed(graph.nodes):
         if node.op not in ("call_function", "call_method") or not node.users:
@@ -153,7 +153,7 @@ def _mask_only(graph: fx.Graph, root: torch.nn.Module | None = None) -> set[fx.N
         for user in node.users:
             if user in masks:
                 continue
-            if user in attn and _mask_arg(user) is node and node not in user.args[:3]:
+            if user in attn and mask_arg(user) is node and node not in user.args[:3]:
                 continue
             if user in mask_inputs and all(i in mask_inputs[user] for i, a in enumerate(user.args) if a is node):
                 continue
@@ -164,7 +164,7 @@ def _mask_only(graph: fx.Graph, root: torch.nn.Module | None = None) -> set[fx.N
     return masks
 
 
-def _masks_static(gm: fx.GraphModule, symbols: set) -> bool:
+def masks_static(gm: fx.GraphModule, symbols: set) -> bool:
     """Whether every attention mask reads only buffers and positions (no graph input): the same tensors every
     step, so the fused kernels' cached tile plan is reused and no step evaluates a mask."""
     from ..passes.graph import to_digraph
@@ -173,8 +173,8 @@ def _masks_static(gm: fx.GraphModule, symbols: set) -> bool:
     import networkx as nx
 
     g = to_digraph(gm.graph)
-    for node in _attention_nodes(gm.graph):
-        mask = _mask_arg(node)
+    for node in attention_nodes(gm.graph):
+        mask = mask_arg(node)
         if not isinstance(mask, fx.Node):
             continue
         for leaf in block_mask(mask, symbols).leaves:
@@ -183,7 +183,7 @@ def _masks_static(gm: fx.GraphModule, symbols: set) -> bool:
     return True
 
 
-def _graph_device(gm: fx.GraphModule) -> torch.device:
+def graph_device(gm: fx.GraphModule) -> torch.device:
     """Where the graph's inputs live (``meta`` for a plan without weights): positions made here go there too."""
     for node in gm.graph.nodes:
         val = value(node)
@@ -192,7 +192,7 @@ def _graph_device(gm: fx.GraphModule) -> torch.device:
     return torch.device("cpu")
 
 
-def _batch_of(gm: fx.GraphModule) -> int:
+def batch_of(gm: fx.GraphModule) -> int:
     for node in gm.graph.nodes:
         val = value(node)
         if node.op == "placeholder" and isinstance(val, torch.Tensor) and val.dim() >= 2:

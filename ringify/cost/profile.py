@@ -16,8 +16,8 @@ import torch
 from torch import fx
 
 from ..passes.fx import value
-from .graph import (_attention_nodes, _attention_shapes, _batch_of, _graph_device, _mask_arg, _mask_only,
-                    _masks_static)
+from .graph import (attention_nodes, attention_shapes, batch_of, graph_device, mask_arg, mask_only,
+                    masks_static)
 from .model import _FP32, ModelProfile, check_training_setup
 
 __all__ = ["profile_model"]
@@ -61,7 +61,7 @@ def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols:
     except ImportError:  # pragma: no cover
         pass
     gm = _prepared_copy(graph_module, symbols, ffn_chunk_tokens, profile)
-    _attention_shapes(gm, attention, profile)
+    attention_shapes(gm, attention, profile)
     run_gm = _recompute_regions(gm, model, checkpoint, module_prefix, profile) if training else gm
     dtype = torch.bfloat16 if profile.dtype_bytes == 2 else torch.float32
     try:
@@ -92,7 +92,7 @@ def profile_model(model: torch.nn.Module, graph_module: fx.GraphModule, symbols:
             profile.mask_chunk_tiles = int(chunk)
             profile.mask_chunk_bytes = float(_mask_piece_bytes(gm, symbols, profile.fit_lengths[0],
                                                                profile.tile_tokens, chunk))
-            profile.mask_static = _masks_static(gm, symbols)
+            profile.mask_static = masks_static(gm, symbols)
         except Exception as err:  # noqa: BLE001
             profile.notes.append(f"block mask evaluation not measured ({type(err).__name__})")
         if not profile.training:
@@ -183,7 +183,7 @@ def _recompute_regions(gm: fx.GraphModule, model: torch.nn.Module, checkpoint: s
     regions = {i: {} for i in set(checkpoint_owners(gm).values())}
     kind = "model" if regions else ""
     if checkpoint == "layers":
-        canonical = set(_attention_nodes(gm.graph))
+        canonical = set(attention_nodes(gm.graph))
         layers = repeated_layers(model, gm, lambda n: n in canonical, prefix)
         if layers:
             ids = mark_checkpoints(module_owners(gm, layers, prefix), first_id=max(regions, default=-1) + 1)
@@ -279,7 +279,7 @@ class _Simulator(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=keep is None)
         self.fake_mode, self.recorder = fake_mode, recorder
         self.fakes: dict[int, torch.Tensor] = {} if fakes is None else fakes  # shared with the regions' bodies
-        self.skip = _mask_only(gm.graph, gm)
+        self.skip = mask_only(gm.graph, gm)
         if keep:  # these nodes (and what they need) are computed even if they only feed masks
             todo = list(keep)
             while todo:
@@ -287,7 +287,7 @@ class _Simulator(fx.Interpreter):
                 if node in self.skip:
                     self.skip.discard(node)
                     todo.extend(node.all_input_nodes)
-        self.attention = set(_attention_nodes(gm.graph))
+        self.attention = set(attention_nodes(gm.graph))
 
     def fetch_attr(self, target: str):
         value = super().fetch_attr(target)
@@ -410,8 +410,8 @@ def _mask_piece_bytes(gm: fx.GraphModule, symbols: set, seq_len: int, tile: int,
     from ..passes.masks import block_mask
 
     masks = {}
-    for node in _attention_nodes(gm.graph):
-        mask = _mask_arg(node)
+    for node in attention_nodes(gm.graph):
+        mask = mask_arg(node)
         if isinstance(mask, fx.Node) and mask not in masks:
             masks[mask] = block_mask(mask, symbols)
     if not masks:
@@ -421,8 +421,8 @@ def _mask_piece_bytes(gm: fx.GraphModule, symbols: set, seq_len: int, tile: int,
     args = _inputs(gm, sim, symbols, seq_len, False)
     with fake_mode, torch.no_grad():
         sim.run(*args, enable_io_processing=False)
-        pos = torch.arange(min(tile, seq_len), device=_graph_device(gm))
-        keys = torch.arange(min(key_tiles * tile, seq_len), device=_graph_device(gm))
+        pos = torch.arange(min(tile, seq_len), device=graph_device(gm))
+        keys = torch.arange(min(key_tiles * tile, seq_len), device=graph_device(gm))
         worst = 0
         for bm in masks.values():
             leaves = [sim.env[leaf] if isinstance(leaf, fx.Node) else leaf for leaf in bm.leaves]
@@ -461,7 +461,7 @@ def _fit_profile(gm: fx.GraphModule, symbols: set, profile: ModelProfile, length
         except Exception:  # noqa: BLE001 - two lengths are enough
             pass
     ns = sorted(runs)
-    profile.method, profile.fit_lengths, profile.sim_batch = "fake-trace", ns, _batch_of(gm)
+    profile.method, profile.fit_lengths, profile.sim_batch = "fake-trace", ns, batch_of(gm)
     last = _chord(ns[-2], ns[-1], runs[ns[-2]]["after_forward"], runs[ns[-1]]["after_forward"])
     profile.activation_bytes_fixed, profile.activation_bytes_per_token = max(0.0, last[0]), last[1]
     profile.step_peak_lines = [_chord(a, b, runs[a]["peak"], runs[b]["peak"]) for a, b in zip(ns, ns[1:])]
@@ -503,7 +503,7 @@ def _prefill_copy(gm: fx.GraphModule) -> fx.GraphModule:
     mapping: dict = {}
     graph.graph_copy(gm.graph, mapping)
     stores = []
-    for node in _attention_nodes(gm.graph):  # like kv_cache.store_kv: an empty tensor, the keys freed after use
+    for node in attention_nodes(gm.graph):  # like kv_cache.store_kv: an empty tensor, the keys freed after use
         with graph.inserting_after(mapping[node.args[1]]):
             stores.append(graph.call_function(torch.ops.aten.new_empty.default, (mapping[node.args[1]], [0])))
     graph.output(tuple(stores))
