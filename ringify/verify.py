@@ -118,9 +118,9 @@ def reference_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: in
 
     from .generate import logits_of
 
-    if hasattr(model, "generate"):
-        return model.generate(ids, attention_mask=mask, pad_token_id=pad, max_new_tokens=new_tokens,
-                              do_sample=False), "HF generate"
+    if hasattr(model, "generate"):  # what is not given is not passed: None would override the model's
+        given = {k: v for k, v in (("attention_mask", mask), ("pad_token_id", pad)) if v is not None}  # config
+        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, **given), "HF generate"
     try:
         params = set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):

@@ -51,5 +51,5 @@ def ranks():
 
 @pytest.fixture
 def seed() -> int:
-    """A fresh seed per test (printed on failure through the test id's locals)."""
-    return random.randrange(2**31)
+    """A fresh seed per test (printed on failure through the test id's locals); ``RINGIFY_TEST_SEED=N`` replays one."""
+    return int(os.environ.get("RINGIFY_TEST_SEED") or random.randrange(2**31))
