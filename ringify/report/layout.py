@@ -113,20 +113,18 @@ def _place(row: list, desired: dict, width: dict, x: dict, anchor=None) -> None:
 def multipartite(graph: nx.DiGraph, widths: dict) -> tuple[dict, dict]:
     """networkx's ``multipartite_layout`` with one row per topological generation, scaled so that no two boxes
     of a row overlap; edges are straight (no lanes)."""
-    for g, row in enumerate(nx.topological_generations(graph)):
-        for n in row:
-            graph.nodes[n]["generation"] = g
-    pos = nx.multipartite_layout(graph, subset_key="generation", align="horizontal", scale=1.0)
-    rows: dict = {}
-    for n in graph:
-        rows.setdefault(graph.nodes[n]["generation"], []).append(n)
+    rows = list(nx.topological_generations(graph))
+    generation = {n: g for g, row in enumerate(rows) for n in row}
+    layers = nx.Graph()  # the layout reads only the nodes' layer (in the graph's order): the caller's is left as it is
+    layers.add_nodes_from((n, {"generation": generation[n]}) for n in graph)
+    pos = nx.multipartite_layout(layers, subset_key="generation", align="horizontal", scale=1.0)
     scale = 1.0
-    for row in rows.values():
+    for row in rows:
         row.sort(key=lambda n: pos[n][0])
         for a, b in zip(row, row[1:]):
             apart = pos[b][0] - pos[a][0]
             if apart > 0:
                 scale = max(scale, ((widths[a] + widths[b]) / 2 + _GAP) / apart)
     left = min(pos[n][0] * scale - widths[n] / 2 for n in graph)
-    xy = {n: (pos[n][0] * scale - left, -graph.nodes[n]["generation"] * ROW) for n in graph}
+    xy = {n: (pos[n][0] * scale - left, -generation[n] * ROW) for n in graph}
     return xy, {edge: [] for edge in graph.edges}
