@@ -24,12 +24,12 @@ from .sequence import gather_sequence, shard_sequence
 from .token_slices import cut_full, gather_frame, regather, select_token, slice_tokens
 
 #: The kinds of graph call the report tells apart ("parameter": a parameter read, counted, not drawn).
-KINDS = ("shard", "position", "ring_attention", "ffn", "collective", "parameter")
+CALL_KINDS = ("shard", "position", "ring_attention", "ffn", "collective", "parameter")
 
 
 @dataclass(frozen=True)
 class GraphCall:
-    """How the report draws a call of a function: its kind (one of :data:`KINDS`) and its title."""
+    """How the report draws a call of a function: its kind (one of :data:`CALL_KINDS`) and its title."""
     kind: str
     title: str
 
@@ -40,8 +40,8 @@ _OPS: dict[str, GraphCall] = {}  # qualified name of a custom op ("ringify::ring
 def graph_call(kind: str, title: str):
     """Declare a function (or a ``torch.library`` custom op, which an exported graph holds instead of the
     function that calls it) a graph call of ``kind`` drawn as ``title``."""
-    if kind not in KINDS:
-        raise ValueError(f"graph_call kind {kind!r}: one of {KINDS}")
+    if kind not in CALL_KINDS:
+        raise ValueError(f"graph_call kind {kind!r}: one of {CALL_KINDS}")
 
     def declare(fn):
         call = GraphCall(kind, title)

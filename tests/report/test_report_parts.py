@@ -17,7 +17,7 @@ from ringify.runtime.graph_calls import declared, graph_call
 
 
 def test_every_declared_kind_has_a_legend_entry():
-    assert set(graph_calls.KINDS) - {"parameter"} <= set(KINDS)
+    assert set(graph_calls.CALL_KINDS) - {"parameter"} <= set(KINDS)
     with pytest.raises(ValueError, match="kind 'ring'"):
         graph_call("ring", "a typo")
 
