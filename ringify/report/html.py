@@ -149,7 +149,8 @@ def _cost(cost: dict) -> dict:
             "device": device, "memory": memory, "step": estimate.get("ring_step") or {}, "context": context,
             "limits": limits, "generation": generation if generation.get("estimate") else None,
             "max_prompt": sorted((generation.get("max_prompt") or {}).items(), key=lambda kv: int(kv[0])),
-            "plots": [_plot("memory", plots.memory_plot, cost), _plot("step", plots.step_plot, cost)],
+            "plots": [p for p in (_plot("memory", plots.memory_plot, cost), _plot("step", plots.step_plot, cost))
+                      if p["uri"] or "error" in p],  # a plot without data is left out
             "profile": json.dumps(cost["profile"], indent=2, default=str) if cost.get("profile") else ""}
 
 
