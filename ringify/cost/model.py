@@ -17,7 +17,7 @@ __all__ = ["HARDWARE", "OPTIMIZER_STATES", "Hardware", "ModelProfile", "cache_sl
 
 GB = 1e9
 GIB = 2**30
-_FP32 = 4
+FP32_BYTES = 4  # bytes of an fp32 value: accumulators, lse, master copies
 _BWD_FLOPS = 2.5  # backward FLOPs / forward FLOPs of attention (5 matmuls against 2)
 
 
@@ -206,7 +206,7 @@ def _ring_terms(profile: ModelProfile, local: int, world_size: int, hardware: Ha
     kind = hardware.kernel if hardware.kernel != "triton" or not profile.masked else "torch"  # CUDA: masks -> tiles
     torch_kernels = kind == "torch"
     t, pieces = _tile(profile, local)
-    tile, rows = b * h * t * t * _FP32, b * h * t * d * _FP32
+    tile, rows = b * h * t * t * FP32_BYTES, b * h * t * d * FP32_BYTES
     mask = profile.mask_piece_bytes * t / max(1, profile.tile_tokens) * profile.batch / max(1, profile.sim_batch)
     # the fused kernels' classification chunk: T queries by up to 4 TILE keys, no more than the block has; from the
     # T x T piece, bytes per further key (the two measured at TILE rows), then, like the piece, linear in the rows
@@ -232,21 +232,21 @@ def _ring_terms(profile: ModelProfile, local: int, world_size: int, hardware: Ha
             # does a forward recomputed in backward (the same mask arguments as that backward's find the plan)
             first = phase == "forward" and not recomputed
             evaluated = 0.0 if profile.mask_static else (chunk if first else mask)
-            return fixed + per_row * b * h * local * max(d, dv) * _FP32 + evaluated  # heads padded to one width
+            return fixed + per_row * b * h * local * max(d, dv) * FP32_BYTES + evaluated  # heads padded to one width
         return max(tiles * tile + row_blocks * rows, mask + carried * tile) if torch_kernels else 0.0
 
     kernel_fwd, kernel_bwd = kernel("forward"), kernel("backward")
     # the fp32 running output (forward) and dQ (backward), allocated as the op starts: beside q's dtype, or in fp32
     # the result itself (which the fake run makes only when its stub returns)
-    state_fwd = b * h * local * dv * _FP32
-    state_bwd = b * h * local * (d + 1) * _FP32 + kv_block * _FP32  # dQ, delta, the block's dK/dV
+    state_fwd = b * h * local * dv * FP32_BYTES
+    state_bwd = b * h * local * (d + 1) * FP32_BYTES + kv_block * FP32_BYTES  # dQ, delta, the block's dK/dV
     ring = world_size > 1
     received = 1 if world_size == 2 else 2  # key/value receive buffers (runtime/ring_attention.py: _Ring.kv_buffers)
     received += profile.kv_copied  # and this rank's own block, copied to be sent when k or v is not contiguous
     return {
         "kv_forward": received * kv_block * dt if ring else 0,
         # the receive buffers, and two more fp32 dK/dV pairs: the share in flight and the accumulator arriving
-        "kv_backward": (received * kv_block * dt + 2 * kv_block * _FP32) if ring else 0,
+        "kv_backward": (received * kv_block * dt + 2 * kv_block * FP32_BYTES) if ring else 0,
         "workspace_forward": kernel_fwd + state_fwd,
         "workspace_backward": kernel_bwd + state_bwd,
         "workspace_recompute": kernel("forward", recomputed=True) + state_fwd,
@@ -261,7 +261,7 @@ def _training_state(profile: ModelProfile) -> dict:
     count, dp = profile.parameters, max(1, int(profile.dp))
     compute = profile.parameter_bytes / count if count else float(profile.dtype_bytes)
     trainable = profile.trainable_parameters or (profile.gradient_bytes / compute if compute else 0)
-    master = _FP32 if profile.mixed_precision else compute  # bytes per stored parameter, gradient, state
+    master = FP32_BYTES if profile.mixed_precision else compute  # bytes per stored parameter, gradient, state
     fsdp = dp > 1 or profile.mixed_precision
     params = (count * master if profile.mixed_precision else profile.parameter_bytes) / dp + profile.buffer_bytes
     grads = states = gathered = 0.0
@@ -338,7 +338,7 @@ def _step(profile: ModelProfile, block: int, hardware: Hardware, ring: bool = Tr
     fwd_flops = 2.0 * b * h * block * block * width * _fraction(profile)
     phases = [(fwd_flops, b * hkv * block * width * dt)]
     if profile.training:
-        phases.append((_BWD_FLOPS * fwd_flops, b * hkv * block * width * (dt + _FP32)))
+        phases.append((_BWD_FLOPS * fwd_flops, b * hkv * block * width * (dt + FP32_BYTES)))
     if not ring:
         phases = [(flops, 0) for flops, _ in phases]
     sent = sum(nbytes for _, nbytes in phases)
@@ -359,7 +359,7 @@ def min_block_tokens(profile: ModelProfile, hardware: Hardware) -> int:
     ratio = profile.kv_heads / profile.heads * hardware.flops / hardware.bandwidth / _fraction(profile)
     need = [ratio * profile.dtype_bytes / 2]
     if profile.training:
-        need.append(ratio * (profile.dtype_bytes + _FP32) / (2 * _BWD_FLOPS))
+        need.append(ratio * (profile.dtype_bytes + FP32_BYTES) / (2 * _BWD_FLOPS))
     c = max(need)
     block = max(1, math.ceil(c - 1e-9))
     while block > 1 and _step(profile, block - 1, hardware)[3]:  # rounding: the smallest that really hides
@@ -488,7 +488,7 @@ def _decode_time(profile: ModelProfile, prompt: int, new_tokens: int, world_size
     flops = 2.0 * profile.batch * weights / per_parameter + (
         2.0 * profile.batch * profile.heads * held * (profile.head_dim + _v_dim(profile)) * profile.layers)
     memory_s, compute_s = (weights + cache) / hardware.memory_bandwidth, flops / hardware.flops
-    message = profile.batch * profile.heads * (_v_dim(profile) + 1) * _FP32  # fp32 partial output and lse
+    message = profile.batch * profile.heads * (_v_dim(profile) + 1) * FP32_BYTES  # fp32 partial output and lse
     gather_s = profile.layers * (world_size - 1) * (hardware.latency + message / hardware.bandwidth)
     seconds = max(memory_s, compute_s) + gather_s
     return {"seconds_per_token": seconds, "tokens_per_second": 1.0 / seconds if seconds else 0.0,

@@ -18,7 +18,7 @@ from torch import fx
 from ..passes.fx import value
 from .graph import (attention_nodes, attention_shapes, batch_of, graph_device, mask_arg, mask_only,
                     masks_static)
-from .model import _FP32, ModelProfile, check_training_setup
+from .model import FP32_BYTES, ModelProfile, check_training_setup
 
 __all__ = ["profile_model"]
 
@@ -564,7 +564,7 @@ def _fused_workspace(dtype_name: str) -> dict:
                                                  causal=True, out=o.to(dtype))
         peaks[length] = (fwd.peak_bytes, bwd.peak_bytes)
     (l1, (f1, b1)), (l2, (f2, b2)) = sorted(peaks.items())
-    unit = b * h * d * _FP32
+    unit = b * h * d * FP32_BYTES
     out = {}
     for phase, p1, p2 in (("forward", f1, f2), ("backward", b1, b2)):
         rows = max(0.0, (p2 - p1) / ((l2 - l1) * unit))
@@ -582,7 +582,7 @@ def _kernel_workspace(tile: int, dtype_name: str, masked: bool) -> dict:
     dtype = getattr(torch, dtype_name)
     b, h, hkv = 1, 2, 1
     gen = torch.Generator().manual_seed(0)
-    unit_tile, unit_row = b * h * tile * tile * _FP32, b * h * tile * _FP32
+    unit_tile, unit_row = b * h * tile * tile * FP32_BYTES, b * h * tile * FP32_BYTES
     result: dict = {"forward": {}, "backward": {}}
     for name, length in (("one_piece", tile), ("pieces", 2 * tile)):
         peaks = []
